@@ -38,10 +38,17 @@ def full_entropy(logits: np.ndarray) -> float:
 
 def top_k_ids(logits: np.ndarray, k: int) -> np.ndarray:
     """Indices of the k largest logits, largest first (ties by lower id)."""
-    k = min(k, logits.shape[0])
-    part = np.argpartition(-logits, k - 1)[:k]
-    order = np.lexsort((part, -logits[part]))
-    return part[order]
+    n = logits.shape[0]
+    k = min(k, n)
+    if k == n:
+        idx = np.arange(n)
+    else:
+        # Ties at the cut go to the lower ids, so the result does not depend on
+        # how the partition happened to order equal values.
+        kth = np.partition(logits, n - k)[n - k]
+        above = np.flatnonzero(logits > kth)
+        idx = np.concatenate([above, np.flatnonzero(logits == kth)[: k - above.size]])
+    return idx[np.lexsort((idx, -logits[idx]))]
 
 
 def top_k_entropy(logprobs: Sequence[float]) -> float:

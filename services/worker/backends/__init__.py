@@ -1,2 +1,57 @@
 """Backends by name. Each is imported only when chosen, so a CPU machine never
-imports tensorrt_llm and a GPU image need not build llama.cpp."""
+imports tensorrt_llm and a GPU image need not load llama.cpp."""
+from __future__ import annotations
+
+import os
+import pathlib
+
+from services.worker.config import WorkerSettings
+from services.worker.engine import Engine
+
+BACKENDS = ("llamacpp", "trtllm", "sim")
+
+
+def create_engine(s: WorkerSettings) -> Engine:
+    if s.backend == "llamacpp":
+        from services.worker import models
+        from services.worker.backends.llamacpp import LlamaCppModel
+        from services.worker.logits_engine import LogitsEngine
+
+        path = models.resolve(s.model)
+        model_id = s.model_id or (s.model if not os.path.sep in s.model else pathlib.Path(s.model).stem)
+        return LogitsEngine(
+            LlamaCppModel(
+                str(path),
+                model_id=model_id,
+                n_ctx=s.context_length,
+                n_threads=s.threads or None,
+                kv_cache_bytes=s.kv_cache_bytes,
+            )
+        )
+    if s.backend == "sim":
+        from services.worker.backends.sim import SimModel
+        from services.worker.logits_engine import LogitsEngine
+
+        hard = {int(x) for x in s.sim_hard_steps.split(",") if x.strip()}
+        return LogitsEngine(
+            SimModel(
+                model_id=s.model_id or "sim",
+                seed=s.sim_seed,
+                token_latency_s=s.sim_token_latency_s,
+                prefill_latency_per_token_s=s.sim_prefill_latency_s,
+                step_tokens=s.sim_step_tokens,
+                steps=s.sim_steps,
+                hard_steps=hard,
+                hard_fraction=s.sim_hard_fraction,
+            )
+        )
+    if s.backend == "trtllm":
+        from services.worker.backends.trtllm import TrtLlmEngine
+
+        return TrtLlmEngine(
+            s.model,
+            model_id=s.model_id or None,
+            exact_entropy=s.trtllm_exact_entropy,
+            kv_free_fraction=s.trtllm_kv_free_fraction,
+        )
+    raise ValueError(f"unknown backend {s.backend!r} (choose from {', '.join(BACKENDS)})")

@@ -1,0 +1,31 @@
+"""Worker settings: every field is a flag (--model) and an env var (GLIMPROUTER_MODEL)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.common.settings import setting
+
+
+@dataclass
+class WorkerSettings:
+    backend: str = setting("llamacpp", "model backend", choices=["llamacpp", "trtllm", "sim"])
+    model: str = setting("smollm2-135m", "model id from the manifest (see `make models`) or a path to a model file/dir")
+    model_id: str = setting("", "model id reported to routers (default: derived from --model)")
+    host: str = setting("127.0.0.1", "address to listen on")
+    port: int = setting(50061, "gRPC port (0 = pick a free one and print it)")
+    context_length: int = setting(4096, "context window in tokens (llama.cpp n_ctx)")
+    threads: int = setting(0, "CPU threads for llama.cpp (0 = all cores)")
+    kv_cache_bytes: int = setting(2 * 1024**3, "bytes of saved per-session KV state kept in memory (llama.cpp)")
+    max_message_bytes: int = setting(16 * 1024 * 1024, "largest gRPC request accepted")
+    shutdown_grace_s: float = setting(30.0, "seconds to finish in-flight calls on SIGTERM")
+    # Simulator knobs (backend=sim only: load tests of the router, never a default).
+    sim_seed: int = setting(0, "sim: seed of the scripted token streams")
+    sim_token_latency_s: float = setting(0.0, "sim: seconds per decoded token")
+    sim_prefill_latency_s: float = setting(0.0, "sim: seconds per prefilled token")
+    sim_step_tokens: int = setting(8, "sim: tokens per step")
+    sim_steps: int = setting(6, "sim: steps before </think>")
+    sim_hard_steps: str = setting("", "sim: comma-separated step indices with high first-token entropy")
+    sim_hard_fraction: float = setting(0.0, "sim: probability that a step is hard (seeded)")
+    # TensorRT-LLM knobs (backend=trtllm only).
+    trtllm_exact_entropy: bool = setting(False, "trtllm: gather generation logits for full-vocabulary entropy")
+    trtllm_kv_free_fraction: float = setting(0.85, "trtllm: share of free GPU memory for the KV cache")
