@@ -16,6 +16,7 @@ class WorkerSettings:
     context_length: int = setting(4096, "context window in tokens (llama.cpp n_ctx)")
     threads: int = setting(0, "CPU threads for llama.cpp (0 = all cores)")
     kv_cache_bytes: int = setting(2 * 1024**3, "bytes of saved per-session KV state kept in memory (llama.cpp)")
+    kv_reuse: bool = setting(True, "reuse KV state across requests (off only to measure what reuse saves)")
     max_message_bytes: int = setting(16 * 1024 * 1024, "largest gRPC request accepted")
     shutdown_grace_s: float = setting(30.0, "seconds to finish in-flight calls on SIGTERM")
     # Simulator knobs (backend=sim only: load tests of the router, never a default).

@@ -18,7 +18,7 @@ def create_engine(s: WorkerSettings) -> Engine:
         from services.worker.logits_engine import LogitsEngine
 
         path = models.resolve(s.model)
-        model_id = s.model_id or (s.model if not os.path.sep in s.model else pathlib.Path(s.model).stem)
+        model_id = s.model_id or (s.model if os.path.sep not in s.model else pathlib.Path(s.model).stem)
         return LogitsEngine(
             LlamaCppModel(
                 str(path),
@@ -26,6 +26,7 @@ def create_engine(s: WorkerSettings) -> Engine:
                 n_ctx=s.context_length,
                 n_threads=s.threads or None,
                 kv_cache_bytes=s.kv_cache_bytes,
+                kv_reuse=s.kv_reuse,
             )
         )
     if s.backend == "sim":
