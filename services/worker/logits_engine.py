@@ -11,7 +11,6 @@ from __future__ import annotations
 import abc
 import asyncio
 import concurrent.futures
-import hashlib
 import time
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Iterator, Sequence
@@ -22,6 +21,7 @@ from services.worker import entropy as ent
 from services.worker.engine import CancelToken, Engine
 from services.worker.sampling import sample
 from services.worker.stepcut import StepCutter
+from services.worker.vocab import tokenizer_fingerprint
 from services.worker.types import (
     ChatMessage,
     Chunk,
@@ -87,13 +87,8 @@ class TokenModel(abc.ABC):
     def close(self) -> None: ...
 
     def tokenizer_fingerprint(self) -> str:
-        h = hashlib.sha256()
-        for tid in range(self.vocab_size):
-            piece = self.token_bytes(tid)
-            h.update(len(piece).to_bytes(4, "little"))
-            h.update(piece)
-        h.update(repr((sorted(self.eos_token_ids), self.bos_token_id)).encode())
-        return h.hexdigest()
+        pieces = (self.token_bytes(t) for t in range(self.vocab_size))
+        return tokenizer_fingerprint(pieces, self.eos_token_ids, self.bos_token_id)
 
 
 _SENTINEL = "\x00GLIMPROUTER_CONTINUE\x00"

@@ -54,5 +54,6 @@ def create_engine(s: WorkerSettings) -> Engine:
             model_id=s.model_id or None,
             exact_entropy=s.trtllm_exact_entropy,
             kv_free_fraction=s.trtllm_kv_free_fraction,
+            max_seq_len=s.trtllm_max_seq_len or None,
         )
     raise ValueError(f"unknown backend {s.backend!r} (choose from {', '.join(BACKENDS)})")

@@ -1,0 +1,352 @@
+"""The production GPU backend: an Engine over TensorRT-LLM's LLM API (written against
+the documented API of 1.2.x, with fallbacks for 1.0; docs/trtllm.md says what has run).
+Decisions that are not engine calls live in `trtllm_mapping`, tested without a GPU.
+
+TRT batches concurrent requests itself (in-flight batching), so unlike LogitsEngine
+nothing is serialised here; queue time is not observable and is reported as 0.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import enum
+import inspect
+import time
+from pathlib import Path
+from typing import Any, AsyncIterator, Sequence
+
+from services.worker.backends import trtllm_mapping as m
+from services.worker.engine import CancelToken, Engine, EngineError
+from services.worker.stepcut import StepCutter
+from services.worker.types import (ChatMessage, Chunk, Decision, EntropyMethod, FinishReason, Generation,
+                                  Glimpse, ModelInfo, SamplingParams, StepResult, StopParams, Timings)
+
+INSTALL_HINT = "install the trtllm extra on a GPU node: pip install 'glimprouter[trtllm]'"
+_POLL_S = 0.02  # how often a request checks its CancelToken
+
+
+class TrtLlmUnavailable(EngineError, ImportError):
+    """tensorrt_llm does not import here; an ImportError so the worker's CLI reports it
+    in one line like any other missing backend."""
+
+
+def _import_trtllm() -> tuple[Any, Any, Any]:
+    try:
+        import tensorrt_llm
+        from tensorrt_llm.llmapi import KvCacheConfig
+    except ImportError as exc:
+        raise TrtLlmUnavailable(f"the TensorRT-LLM backend needs tensorrt_llm ({exc}); {INSTALL_HINT}") from exc
+    return tensorrt_llm.LLM, tensorrt_llm.SamplingParams, KvCacheConfig
+
+
+def _logprob_modes(sampling_params_cls: Any) -> list[str]:
+    """The values SamplingParams.logprobs_mode accepts, read from its default (an
+    enum, LogprobMode.RAW on 1.2) so no private module path is relied on."""
+    try:
+        fields = {f.name: f.default for f in dataclasses.fields(sampling_params_cls)}
+    except TypeError:
+        fields = {n: p.default for n, p in inspect.signature(sampling_params_cls).parameters.items()}
+    if "logprobs_mode" not in fields:
+        return []
+    default = fields["logprobs_mode"]
+    if isinstance(default, enum.Enum):
+        return [str(v.value) for v in type(default)]
+    return [str(default)]
+
+
+def _to_numpy(t: Any) -> Any:
+    return t.detach().float().cpu().numpy() if hasattr(t, "detach") else t
+
+
+class TrtLlmEngine(Engine):
+    def __init__(
+        self,
+        model: str,
+        *,
+        tokenizer: Any = None,
+        model_id: str | None = None,
+        exact_entropy: bool = False,
+        kv_free_fraction: float = 0.85,
+        max_seq_len: int | None = None,
+        max_batch_size: int | None = None,
+        tensor_parallel_size: int = 1,
+        trust_remote_code: bool = False,
+        llm_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        """`model`: a local HF model directory (or TRT checkpoint with its tokenizer).
+        `tokenizer`: a directory, or an already loaded HF tokenizer. `exact_entropy`
+        builds the LLM with gather_generation_logits so a glimpse can compute the
+        full-vocabulary entropy (one vocab-sized copy to the host per glimpse).
+        The model itself is loaded by start()."""
+        self._LLM, self._SP, self._KvCacheConfig = _import_trtllm()
+        self._raw_mode = m.raw_logprobs_mode(_logprob_modes(self._SP))
+        self._exact = exact_entropy
+        self._llm_args = {
+            "model": model,
+            "tensor_parallel_size": tensor_parallel_size,
+            "trust_remote_code": trust_remote_code,
+            # Block reuse is what makes Step's continuation and a router's growing
+            # prompts cheap: the shared prefix is not prefilled again.
+            "kv_cache_config": self._KvCacheConfig(enable_block_reuse=True, free_gpu_memory_fraction=kv_free_fraction),
+            **({"gather_generation_logits": True} if exact_entropy else {}),
+            **({"max_seq_len": max_seq_len} if max_seq_len else {}),
+            **({"max_batch_size": max_batch_size} if max_batch_size else {}),
+            **(llm_kwargs or {}),
+        }
+        if tokenizer is None or isinstance(tokenizer, (str, Path)):
+            from transformers import AutoTokenizer  # a dependency of tensorrt_llm
+
+            tokenizer = AutoTokenizer.from_pretrained(str(tokenizer or model), trust_remote_code=trust_remote_code)
+        self._llm_args.setdefault("tokenizer", tokenizer)
+        self._tok = tokenizer
+        config = m.read_json(Path(model) / "config.json")
+        gen_config = m.read_json(Path(model) / "generation_config.json")
+        vocab_size = int(config.get("vocab_size") or len(tokenizer))
+        self._pieces = m.hf_vocab_bytes(tokenizer, vocab_size)
+        self._texts: dict[int, str] = {}
+        self._stop_ids = m.StopIds(self._pieces)
+        eos = m.eos_token_ids(tokenizer.eos_token_id, gen_config)
+        self._eos, self._end_id = frozenset(eos), (eos[0] if eos else None)
+        bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else -1
+        think = m.think_delimiters(tokenizer.get_added_vocab())
+        self.info = ModelInfo(
+            model_id=model_id or Path(model).name,
+            backend="trtllm",
+            vocab_size=vocab_size,
+            context_length=m.context_length(max_seq_len, config),
+            eos_token_ids=eos,
+            bos_token_id=bos,
+            has_chat_template=bool(getattr(tokenizer, "chat_template", None)),
+            tokenizer_fingerprint=m.tokenizer_fingerprint(self._pieces, eos, bos),
+            think_start=think[0],
+            think_end=think[1],
+        )
+        self._llm: Any = None
+
+    # ---- lifecycle -------------------------------------------------------------
+    async def start(self) -> None:
+        if self._llm is None:
+            try:  # loading takes minutes: keep the loop free for health checks
+                self._llm = await asyncio.to_thread(self._LLM, **self._llm_args)
+            except ValueError as exc:  # a release that installs signal handlers while loading
+                if "main thread" not in str(exc):
+                    raise
+                self._llm = self._LLM(**self._llm_args)
+        await self.glimpse(self.tokenize("Hello", add_bos=True), 1, "__warmup__", CancelToken())
+
+    async def close(self) -> None:
+        if self._llm is not None:
+            await asyncio.to_thread(self._llm.shutdown)
+            self._llm = None
+
+    # ---- text helpers ------------------------------------------------------------
+    def _token_bytes(self, token_id: int) -> bytes:
+        return self._pieces[token_id] if 0 <= token_id < len(self._pieces) else b""
+
+    def _text(self, token_id: int) -> str:
+        text = self._texts.get(token_id)
+        if text is None:
+            text = self._texts[token_id] = self._token_bytes(token_id).decode("utf-8", errors="replace")
+        return text
+
+    def token_text(self, token_ids: Sequence[int]) -> str:
+        return b"".join(self._token_bytes(t) for t in token_ids).decode("utf-8", errors="replace")
+
+    def tokenize(self, text: str, *, add_bos: bool = False) -> list[int]:
+        ids = list(self._tok.encode(text, add_special_tokens=False))
+        bos = self.info.bos_token_id
+        return [bos] + ids if add_bos and bos >= 0 and ids[:1] != [bos] else ids
+
+    def render_prompt(
+        self, messages: Sequence[ChatMessage], add_generation_prompt: bool, continue_final_message: bool
+    ) -> tuple[list[int], str]:
+        template = self._apply_template if self.info.has_chat_template else None
+        text = m.render_chat(template, messages, add_generation_prompt, continue_final_message)
+        # A rendered template carries its own BOS; plain joined text gets one like LogitsEngine.
+        return self.tokenize(text, add_bos=template is None), text
+
+    def _apply_template(self, msgs: list[dict], add_generation_prompt: bool) -> str:
+        return self._tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    # ---- the three calls -----------------------------------------------------------
+    def _params(self, kwargs: dict[str, Any]) -> Any:
+        try:
+            return self._SP(**kwargs)
+        except (TypeError, ValueError) as exc:
+            raise EngineError(f"TensorRT-LLM rejected the sampling parameters: {exc}") from exc
+
+    def _one_token_params(self, sampling: SamplingParams | None, top_k: int) -> Any:
+        # With generation logits everything comes from the raw logits and no logprobs
+        # are asked for (some releases then return only the sampled token's logprob:
+        # examples/llm-api/llm_inference_logprob.py).
+        return self._params(m.sampling_kwargs(
+            sampling, max_tokens=1, logprobs=None if self._exact else top_k, raw_mode=self._raw_mode,
+            generation_logits=self._exact, ignore_eos=True,
+        ))
+
+    async def _one_token(self, prompt: list[int], params: Any, cancel: CancelToken) -> Any:
+        self._require_started()
+        req = self._llm.generate_async(list(prompt), params, streaming=False)
+        watcher = asyncio.create_task(self._watch(cancel, req))
+        try:
+            return await req.aresult()
+        finally:
+            watcher.cancel()
+            self._abort(req)  # only does something when our caller was cancelled
+
+    def _to_glimpse(self, out: Any, top_k: int, prompt_len: int, started: float) -> Glimpse:
+        seq = out.outputs[0]
+        if seq.finish_reason == "cancelled":
+            raise EngineError("the request was cancelled")
+        usage = m.usage(prompt_len, getattr(out, "cached_tokens", 0), 0)
+        ms = (time.perf_counter() - started) * 1e3
+        timings = Timings(0.0, ms, 0.0, ms)
+        try:
+            if self._exact and seq.generation_logits is not None:
+                return m.glimpse_from_logits(_to_numpy(seq.generation_logits), top_k, self._text, usage, timings)
+            return m.glimpse_from_logprobs((seq.logprobs or [{}])[-1], top_k, self._text, usage, timings)
+        except ValueError as exc:
+            raise EngineError(str(exc)) from exc
+
+    async def glimpse(self, prompt: list[int], top_k: int, session_id: str, cancel: CancelToken) -> Glimpse:
+        started = time.perf_counter()
+        out = await self._one_token(prompt, self._one_token_params(None, top_k), cancel)
+        return self._to_glimpse(out, top_k, len(prompt), started)
+
+    async def step(
+        self, prompt: list[int], method: EntropyMethod, threshold: float, top_k: int,
+        sampling: SamplingParams, stop: StopParams, session_id: str, cancel: CancelToken,
+    ) -> StepResult:
+        if method is EntropyMethod.FULL and not self._exact:
+            raise EngineError("full-vocabulary entropy needs the worker started with --trtllm-exact-entropy")
+        started = time.perf_counter()
+        # One call that samples the step's first token with the step's parameters
+        # while reporting the raw distribution, when the release can report it.
+        single = not sampling.greedy and (self._exact or self._raw_mode is not None)
+        try:
+            params = self._one_token_params(sampling if single else None, top_k)
+        except EngineError:  # e.g. a release refusing logprobs > top_k; two calls still work
+            single, params = False, self._one_token_params(None, top_k)
+        out = await self._one_token(prompt, params, cancel)
+        g = self._to_glimpse(out, top_k, len(prompt), started)
+        value = g.entropy(method)
+        if value >= threshold:
+            return StepResult(Decision.ESCALATE, value, g)
+        if single:
+            seq = out.outputs[0]
+            first = [m.sampled_token(seq.token_ids, seq.finish_reason, self._end_id)]
+        else:
+            # Greedy: the glimpse's argmax is the first token. Sampled without raw
+            # logprobs: regenerate from the boundary, as the paper's reference does.
+            first = [g.token_id] if sampling.greedy else []
+        gen: Generation | None = None
+        async for chunk in self._stream(prompt, sampling, stop, cancel, False, top_k, first, started):
+            gen = chunk.final or gen
+        assert gen is not None
+        gen.usage = dataclasses.replace(g.usage, generated_tokens=gen.usage.generated_tokens)
+        return StepResult(Decision.KEEP, value, g, gen)
+
+    def generate(
+        self, prompt: list[int], sampling: SamplingParams, stop: StopParams, session_id: str,
+        cancel: CancelToken, return_entropies: bool = False, top_k: int = 20,
+    ) -> AsyncIterator[Chunk]:
+        return self._stream(prompt, sampling, stop, cancel, return_entropies, top_k, [], time.perf_counter())
+
+    # ---- internals -------------------------------------------------------------------
+    def _require_started(self) -> None:
+        if self._llm is None:
+            raise EngineError("the TensorRT-LLM engine is not started")
+
+    @staticmethod
+    def _abort(req: Any) -> None:
+        try:
+            if not req.finished:
+                req.abort()  # GenerationResult.abort, tensorrt_llm/executor/result.py
+        except Exception:  # already finished or executor gone: nothing left to stop
+            pass
+
+    async def _watch(self, cancel: CancelToken, req: Any) -> None:
+        while not cancel.cancelled:
+            await asyncio.sleep(_POLL_S)
+        self._abort(req)
+
+    async def _stream(
+        self, prompt: list[int], sampling: SamplingParams, stop: StopParams, cancel: CancelToken,
+        return_entropies: bool, top_k: int, first: list[int], started: float,
+    ) -> AsyncIterator[Chunk]:
+        """Generate with TRT stopping on stop ids and us cutting on decoded text;
+        `first` is a token already sampled (Step) that the step starts with."""
+        eos = self._eos if stop.stop_on_eos else frozenset()
+        stop_ids = self._stop_ids.for_request(stop.step_boundary, stop.stop, eos)
+        cutter = StepCutter(self._token_bytes, stop.step_boundary, stop.stop)
+        room = self.info.context_length - len(prompt)
+        produced: list[int] = []
+        hs: list[float] = []
+        cached: Any = None
+        first_at: float | None = None
+        finish: FinishReason | None = None
+        if first:
+            fed = m.feed_tokens(cutter, first, eos)
+            produced += first[: fed.taken]
+            finish = fed.finish
+            yield Chunk(first[: fed.taken], fed.text)
+        # A Step's first token was drawn with the step's seed: later requests move on
+        # from it rather than replaying the same random stream.
+        rounds = 1 if first else 0
+        while finish is None:
+            finish = m.budget_finish(len(produced), sampling.max_tokens, room)
+            if finish is not None:
+                break
+            if cancel.cancelled:
+                finish = FinishReason.CANCELLED
+                break
+            self._require_started()
+            params = self._params(m.sampling_kwargs(
+                sampling, max_tokens=min(sampling.max_tokens, room) - len(produced),
+                logprobs=top_k if return_entropies else None, raw_mode=self._raw_mode,
+                stop_token_ids=stop_ids, end_id=self._end_id, ignore_eos=not stop.stop_on_eos, seed_offset=rounds,
+            ))
+            req = self._llm.generate_async(prompt + produced, params, streaming=True)
+            watcher = asyncio.create_task(self._watch(cancel, req))
+            sent, trt_finish, stop_reason = 0, None, None
+            try:
+                async for out in req:
+                    seq = out.outputs[0]
+                    if cached is None:
+                        cached = getattr(out, "cached_tokens", 0)
+                    first_at = first_at or time.perf_counter()
+                    new = list(seq.token_ids[sent:])
+                    fed = m.feed_tokens(cutter, new, eos)
+                    h = m.entropies(seq.logprobs, sent, len(new), fed.taken, top_k) if return_entropies else []
+                    sent += len(new)
+                    produced += new[: fed.taken]
+                    hs += h
+                    if fed.taken or fed.text:
+                        yield Chunk(new[: fed.taken], fed.text, h)
+                    trt_finish, stop_reason = seq.finish_reason, seq.stop_reason
+                    if fed.finish is not None:
+                        finish = fed.finish
+                        break
+            finally:
+                watcher.cancel()
+                self._abort(req)  # we cut the step, or the caller stopped reading
+            if finish is None:
+                outcome = m.after_stream(trt_finish, stop_reason, sent, len(produced), sampling.max_tokens)
+                if cancel.cancelled:
+                    outcome = FinishReason.CANCELLED
+                if outcome == FinishReason.EOS and stop.stop_on_eos:
+                    tail = m.eos_tail(produced, eos, self._end_id)
+                    produced += tail
+                    yield Chunk(tail, cutter.flush())
+                if outcome != m.CONTINUE:
+                    finish = FinishReason(outcome)
+            rounds += 1
+        if finish not in (FinishReason.EOS, FinishReason.STEP_END, FinishReason.STOP):
+            tail_text = cutter.flush()
+            if tail_text:
+                yield Chunk([], tail_text)
+        now = time.perf_counter()
+        first_at = first_at or now
+        timings = Timings(0.0, (first_at - started) * 1e3, (now - first_at) * 1e3, (now - started) * 1e3)
+        usage = m.usage(len(prompt), cached, len(produced))
+        yield Chunk([], "", [], Generation(produced, cutter.text, finish, usage, timings, hs, cutter.matched_stop))

@@ -1,0 +1,417 @@
+"""TrtLlmEngine. Three layers:
+- without tensorrt_llm: the module imports and the constructor names the fix;
+- the engine's glue against a fake `tensorrt_llm` that follows the documented LLM API
+  (streamed cumulative token_ids, stop_token_ids, end_id, abort, raw logprobs);
+- `@pytest.mark.trtllm`: the real thing, on a GPU node with GLIMPROUTER_TRTLLM_TEST_MODEL.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import enum
+import json
+import math
+import os
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from services.worker import entropy as ent
+from services.worker.backends import trtllm_mapping as m
+from services.worker.backends.trtllm import TrtLlmEngine
+from services.worker.engine import CancelToken, EngineError
+from services.worker.types import ChatMessage, Decision, EntropyMethod, FinishReason, SamplingParams, StopParams
+
+PIECES = ["<|endoftext|>", "Hello", "Ġworld", ".", "ĊĊ", ".ĊĊ", "Ċ", "Wait", "Ġis", "Ġ", "<think>", "</think>"]
+ADDED = {0, 10, 11}
+V = len(PIECES)
+GREEDY, STOP = SamplingParams(max_tokens=64), StopParams()
+
+
+def test_missing_tensorrt_llm_names_the_fix(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt_llm", None)  # import fails even where it is installed
+    with pytest.raises(EngineError, match=r"pip install 'glimprouter\[trtllm\]'") as info:
+        TrtLlmEngine("/models/none")
+    assert isinstance(info.value, ImportError)  # the worker CLI prints ImportErrors in one line
+
+
+# ---- a fake of the documented API ---------------------------------------------------
+
+
+class LogprobMode(str, enum.Enum):
+    RAW, PROCESSED = "raw", "processed"
+
+
+@dataclasses.dataclass(kw_only=True)
+class FakeSamplingParams:
+    end_id: int | None = None
+    max_tokens: int = 32
+    stop_token_ids: list | None = None
+    include_stop_str_in_output: bool = False
+    logprobs_mode: LogprobMode = LogprobMode.RAW
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    temperature: float | None = None
+    logprobs: int | None = None
+    return_generation_logits: bool = False
+    ignore_eos: bool = False
+    detokenize: bool = True
+
+
+@dataclasses.dataclass
+class Logprob:
+    logprob: float
+    rank: int | None = None
+
+
+@dataclasses.dataclass
+class Seq:
+    token_ids: list = dataclasses.field(default_factory=list)
+    logprobs: list = dataclasses.field(default_factory=list)
+    generation_logits: object = None
+    finish_reason: str | None = None
+    stop_reason: object = None
+
+
+class FakeResult:
+    def __init__(self, llm, prompt, p, cached):
+        self.llm, self.prompt, self.p, self.cached_tokens = llm, prompt, p, cached
+        self.ctx, self.outputs, self.finished, self.aborted = list(prompt), [Seq()], False, False
+        self.rng = np.random.default_rng(p.seed)
+
+    def abort(self):
+        self.aborted = True
+
+    def _step(self):
+        seq, p = self.outputs[0], self.p
+        if self.aborted:
+            seq.finish_reason, self.finished = "cancelled", True
+            return
+        z = self.llm.logits(self.ctx)
+        lp = z - np.log(np.exp(z).sum())
+        if p.top_k == 1 or p.temperature == 0:
+            t = int(np.argmax(z))
+        else:
+            w = np.exp((z - z.max()) / p.temperature)
+            t = int(self.rng.choice(V, p=w / w.sum()))
+        order = [int(i) for i in np.argsort(-lp, kind="stable")]
+        row = {i: Logprob(float(lp[i]), r + 1) for r, i in enumerate(order[: p.logprobs or 0])}
+        row.setdefault(t, Logprob(float(lp[t]), order.index(t) + 1))
+        self.ctx.append(t)
+        keep = True
+        if t == p.end_id and not p.ignore_eos:  # END_ID first, and without the token: the harder case
+            seq.finish_reason, keep = "stop", False
+        elif t in (p.stop_token_ids or ()):
+            seq.finish_reason, seq.stop_reason, keep = "stop", t, p.include_stop_str_in_output
+        if keep:
+            seq.token_ids.append(t)
+            seq.logprobs += [row] if p.logprobs else []
+            if p.return_generation_logits:
+                seq.generation_logits = z[None, :]
+        if seq.finish_reason is None and len(seq.token_ids) >= p.max_tokens:
+            seq.finish_reason = "length"
+        self.finished = seq.finish_reason is not None
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if self.finished:
+            raise StopAsyncIteration
+        await asyncio.sleep(self.llm.token_delay)
+        self._step()
+        return self
+
+    async def aresult(self):
+        while not self.finished:
+            await self.__anext__()
+        return self
+
+
+class FakeLLM:
+    def __init__(self, **kwargs):
+        self.kwargs, self.chain, self.flat, self.history, self.requests = kwargs, {}, set(), [], []
+        self.token_delay = 0.0
+
+    def logits(self, ctx):
+        """A Markov chain on the last token, peaked on `chain[last]`; flat after `flat`."""
+        if ctx[-1] in self.flat:
+            return np.zeros(V)
+        z = np.linspace(0.0, -3.0, V)
+        z[self.chain.get(ctx[-1], 1)] += 6.0
+        return z
+
+    def generate_async(self, prompt, params, streaming=False):
+        assert isinstance(params, FakeSamplingParams) and all(isinstance(t, int) for t in prompt)
+        lcp = max((next((i for i, (a, b) in enumerate(zip(prompt, h)) if a != b), min(len(prompt), len(h)))
+                   for h in self.history), default=0)
+        self.history.append(list(prompt))
+        self.requests.append(FakeResult(self, list(prompt), params, min(lcp, len(prompt) - 1)))
+        return self.requests[-1]
+
+    def shutdown(self):
+        pass
+
+
+class FakeTokenizer:
+    eos_token_id, bos_token_id, chat_template = 0, None, None
+
+    def __len__(self):
+        return V
+
+    @property
+    def backend_tokenizer(self):
+        return types.SimpleNamespace(to_str=lambda: json.dumps({"decoder": {"type": "ByteLevel"}}))
+
+    def convert_ids_to_tokens(self, ids):
+        return [PIECES[i] for i in ids]
+
+    def get_added_vocab(self):
+        return {PIECES[i]: i for i in ADDED}
+
+    def encode(self, text, add_special_tokens=False):
+        words = {m.piece_to_bytes(p, m.BYTE_LEVEL).decode(): i for i, p in enumerate(PIECES) if i not in ADDED}
+        ids, rest = [], text
+        while rest:
+            best = max((w for w in words if rest.startswith(w)), key=len, default=None)
+            ids, rest = (ids + [words[best]], rest[len(best):]) if best else (ids, rest[1:])
+        return ids
+
+
+@pytest.fixture
+def make_engine(monkeypatch):
+    trt = types.ModuleType("tensorrt_llm")
+    trt.LLM, trt.SamplingParams = FakeLLM, FakeSamplingParams
+    llmapi = types.ModuleType("tensorrt_llm.llmapi")
+    llmapi.KvCacheConfig = lambda **kw: types.SimpleNamespace(**kw)
+    monkeypatch.setitem(sys.modules, "tensorrt_llm", trt)
+    monkeypatch.setitem(sys.modules, "tensorrt_llm.llmapi", llmapi)
+
+    async def make(chain=None, **kw):
+        engine = TrtLlmEngine("/models/fake", tokenizer=FakeTokenizer(), **kw)
+        await engine.start()
+        engine._llm.chain, engine._llm.requests = dict(chain or {}), []
+        return engine, engine._llm
+
+    return make
+
+
+def raw_logprobs(llm, ctx):
+    z = llm.logits(ctx)
+    return z - np.log(np.exp(z).sum())
+
+
+def topk_entropy(lp, k):
+    top = np.sort(lp)[::-1][:k]
+    p = np.exp(top) / np.exp(top).sum()
+    return float(-(p * np.log(p)).sum())
+
+
+async def test_model_info_and_llm_arguments(make_engine):
+    engine, llm = await make_engine(exact_entropy=True, kv_free_fraction=0.5)
+    assert (engine.info.backend, engine.info.vocab_size, engine.info.eos_token_ids) == ("trtllm", V, (0,))
+    assert (engine.info.think_start, engine.info.think_end) == ("<think>", "</think>")
+    assert engine.info.tokenizer_fingerprint == m.tokenizer_fingerprint(engine._pieces, (0,), -1)
+    kv = llm.kwargs["kv_cache_config"]
+    assert kv.enable_block_reuse is True and kv.free_gpu_memory_fraction == 0.5
+    assert llm.kwargs["gather_generation_logits"] is True
+    assert "gather_generation_logits" not in (await make_engine())[1].kwargs
+
+
+async def test_glimpse_reads_raw_top_k(make_engine):
+    engine, llm = await make_engine({1: 2})
+    g = await engine.glimpse([1], 5, "s", CancelToken())
+    p = llm.requests[0].p
+    assert (p.max_tokens, p.logprobs, p.logprobs_mode, p.temperature) == (1, 5, "raw", 1.0)
+    assert g.token_id == 2 and g.token_text == " world" and g.entropy_full == -1.0
+    assert g.entropy_top_k == pytest.approx(topk_entropy(raw_logprobs(llm, [1]), 5), abs=1e-9)
+    assert g.usage.generated_tokens == 0 and g.usage.prompt_tokens == 1
+
+
+async def test_exact_glimpse_uses_generation_logits(make_engine):
+    engine, llm = await make_engine({1: 2}, exact_entropy=True)
+    g = await engine.glimpse([1], 5, "s", CancelToken())
+    lp = raw_logprobs(llm, [1])
+    assert llm.requests[0].p.return_generation_logits and not llm.requests[0].p.logprobs
+    assert g.entropy_full == pytest.approx(float(-(np.exp(lp) * lp).sum()), rel=1e-6)
+    assert g.entropy_top_k == pytest.approx(topk_entropy(lp, 5), rel=1e-6)
+
+
+async def test_merged_boundary_token_ends_the_step(make_engine):
+    engine, llm = await make_engine({1: 2, 2: 5, 5: 7})
+    gen = await engine.generate_full([1], GREEDY, STOP, "s", CancelToken())
+    assert (gen.token_ids, gen.text, gen.finish_reason) == ([2, 5], " world.\n\n", FinishReason.STEP_END)
+    p = llm.requests[0].p
+    assert {0, 4, 5} <= set(p.stop_token_ids) and p.include_stop_str_in_output and len(llm.requests) == 1
+
+
+async def test_blank_boundary_continues_with_a_new_request(make_engine):
+    engine, llm = await make_engine({9: 4, 4: 1, 1: 2, 2: 5})
+    gen = await engine.generate_full([9], GREEDY, STOP, "s", CancelToken())
+    assert (gen.token_ids, gen.finish_reason) == ([4, 1, 2, 5], FinishReason.STEP_END)
+    assert [r.prompt for r in llm.requests] == [[9], [9, 4]]
+    assert llm.requests[1].p.max_tokens == GREEDY.max_tokens - 1
+
+
+async def test_boundary_across_tokens_cuts_and_aborts(make_engine):
+    engine, llm = await make_engine({1: 3, 3: 6, 6: 6})
+    gen = await engine.generate_full([1], GREEDY, STOP, "s", CancelToken())
+    assert (gen.token_ids, gen.text, gen.finish_reason) == ([3, 6, 6], ".\n\n", FinishReason.STEP_END)
+    assert llm.requests[0].aborted
+
+
+async def test_streaming_equals_unary(make_engine):
+    engine, _ = await make_engine({1: 2, 2: 8, 8: 7, 7: 3, 3: 6, 6: 6})
+    chunks = [c async for c in engine.generate([1], GREEDY, STOP, "s", CancelToken())]
+    final = chunks[-1].final
+    assert sum((c.token_ids for c in chunks), []) == final.token_ids == [2, 8, 7, 3, 6, 6]
+    assert "".join(c.text for c in chunks) == final.text == engine.token_text(final.token_ids)
+    assert (await engine.generate_full([1], GREEDY, STOP, "s", CancelToken())).token_ids == final.token_ids
+
+
+async def test_eos_is_returned_even_when_trt_drops_it(make_engine):
+    engine, _ = await make_engine({1: 2, 2: 0})
+    gen = await engine.generate_full([1], GREEDY, STOP, "s", CancelToken())
+    assert (gen.token_ids, gen.finish_reason, gen.text) == ([2, 0], FinishReason.EOS, " world")
+    gen = await engine.generate_full([1], SamplingParams(max_tokens=4), StopParams(stop_on_eos=False), "s",
+                                     CancelToken())
+    assert (gen.token_ids, gen.finish_reason) == ([2, 0, 1, 2], FinishReason.LENGTH)
+
+
+async def test_max_tokens_stop_strings_and_entropies(make_engine):
+    engine, llm = await make_engine({1: 2, 2: 8, 8: 2})
+    gen = await engine.generate_full([1], SamplingParams(max_tokens=3), STOP, "s", CancelToken(), True, 4)
+    assert (gen.token_ids, gen.finish_reason) == ([2, 8, 2], FinishReason.LENGTH)
+    want = [topk_entropy(raw_logprobs(llm, [1, 2, 8, 2][: i + 1]), 4) for i in range(3)]
+    assert gen.entropies == pytest.approx(want)
+    gen = await engine.generate_full([1], GREEDY, StopParams(stop=("is",)), "s", CancelToken())
+    assert (gen.token_ids, gen.finish_reason, gen.matched_stop) == ([2, 8], FinishReason.STOP, "is")
+
+
+async def test_cached_tokens_are_reported(make_engine):
+    engine, _ = await make_engine({1: 2, 2: 5})
+    await engine.generate_full([1, 2, 8, 7], GREEDY, STOP, "s", CancelToken())
+    gen = await engine.generate_full([1, 2, 8, 7], GREEDY, STOP, "s", CancelToken())
+    assert (gen.usage.cached_tokens, gen.usage.prefilled_tokens, gen.usage.prompt_tokens) == (3, 1, 4)
+
+
+async def test_step_escalates_on_a_flat_distribution(make_engine):
+    engine, llm = await make_engine({1: 2})
+    llm.flat = {1}
+    r = await engine.step([1], EntropyMethod.TOP_K, 1.0, 20, GREEDY, STOP, "s", CancelToken())
+    assert r.decision is Decision.ESCALATE and r.generation is None
+    assert r.entropy == pytest.approx(math.log(V)) and len(llm.requests) == 1
+
+
+async def test_step_keeps_the_sampled_first_token(make_engine):
+    engine, llm = await make_engine({1: 2, 2: 5})
+    sampling = SamplingParams(temperature=0.7, top_p=0.95, seed=1, max_tokens=16)
+    r = await engine.step([1], EntropyMethod.TOP_K, 5.0, 5, sampling, STOP, "s", CancelToken())
+    first = llm.requests[0]
+    assert (first.p.temperature, first.p.logprobs_mode, first.p.seed) == (0.7, "raw", 1)
+    assert r.entropy == pytest.approx(topk_entropy(raw_logprobs(llm, [1]), 5))  # not the T=0.7 one
+    t = first.outputs[0].token_ids[0]
+    assert r.decision is Decision.KEEP and r.generation.token_ids[0] == t
+    assert llm.requests[1].prompt == [1, t] and llm.requests[1].p.seed == 2
+    assert r.generation.usage.prompt_tokens == 1
+
+
+async def test_greedy_step_continues_from_the_argmax(make_engine):
+    engine, llm = await make_engine({1: 2, 2: 5})
+    r = await engine.step([1], EntropyMethod.TOP_K, 5.0, 5, GREEDY, STOP, "s", CancelToken())
+    assert r.generation.token_ids == [2, 5] and llm.requests[1].prompt == [1, 2]
+    with pytest.raises(EngineError, match="exact-entropy"):
+        await engine.step([1], EntropyMethod.FULL, 5.0, 5, GREEDY, STOP, "s", CancelToken())
+
+
+async def test_cancel_and_closing_the_stream_abort_the_request(make_engine):
+    engine, llm = await make_engine({1: 2, 2: 8, 8: 2})
+    llm.token_delay = 0.002
+    cancel = CancelToken()
+    chunks = []
+    async for c in engine.generate([1], SamplingParams(max_tokens=5000), STOP, "s", cancel):
+        chunks.append(c)
+        if len(chunks) == 3:
+            cancel.cancel()
+    assert chunks[-1].final.finish_reason is FinishReason.CANCELLED and llm.requests[0].aborted
+    stream = engine.generate([1], SamplingParams(max_tokens=5000), STOP, "s", CancelToken())
+    await stream.__anext__()
+    await stream.aclose()
+    assert llm.requests[1].aborted
+
+
+async def test_render_prompt_without_template(make_engine):
+    engine, _ = await make_engine()
+    ids, text = engine.render_prompt([ChatMessage("user", "Hello world."), ChatMessage("assistant", "Wait")],
+                                     False, True)
+    assert text == "Hello world.Wait" and ids == [1, 2, 3, 7] and engine.tokenize("Hello is") == [1, 8]
+
+
+# ---- on a GPU node ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gpu_engine():
+    pytest.importorskip("tensorrt_llm")
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no GPU visible")
+    path = os.environ.get("GLIMPROUTER_TRTLLM_TEST_MODEL") or pytest.skip("set GLIMPROUTER_TRTLLM_TEST_MODEL")
+    engine = TrtLlmEngine(path, exact_entropy=True, kv_free_fraction=0.4)
+    asyncio.run(engine.start())
+    yield engine
+    asyncio.run(engine.close())
+
+
+def gpu_prompt(engine):
+    msgs = [ChatMessage("user", "List three facts about the Moon, separated by blank lines.")]
+    return engine.render_prompt(msgs, True, False)[0]
+
+
+@pytest.mark.trtllm
+async def test_gpu_glimpse_entropy_matches_exact_logits(gpu_engine):
+    e, prompt = gpu_engine, gpu_prompt(gpu_engine)
+    g = await e.glimpse(prompt, 20, "t", CancelToken())  # from the generation logits
+    assert 0.0 <= g.entropy_top_k <= math.log(20) + 1e-6 and g.entropy_full >= 0.0
+    for temperature in (1.0, 0.6):  # raw logprobs must not depend on the temperature
+        if temperature != 1.0 and e._raw_mode is None:
+            continue
+        kw = m.sampling_kwargs(SamplingParams(temperature=temperature), max_tokens=1, logprobs=20,
+                               raw_mode=e._raw_mode, ignore_eos=True)
+        out = await e._one_token(prompt, e._params(kw), CancelToken())
+        pairs = m.top_logprobs(out.outputs[0].logprobs[-1], 20)
+        assert pairs[0][0] == g.token_id
+        assert ent.top_k_entropy([lp for _, lp in pairs]) == pytest.approx(g.entropy_top_k, abs=2e-2)
+
+
+@pytest.mark.trtllm
+async def test_gpu_step_keep_and_escalate(gpu_engine):
+    e, prompt = gpu_engine, gpu_prompt(gpu_engine)
+    r = await e.step(prompt, EntropyMethod.FULL, 0.0, 20, GREEDY, STOP, "t", CancelToken())
+    assert r.decision is Decision.ESCALATE and r.generation is None
+    r = await e.step(prompt, EntropyMethod.TOP_K, 1e9, 20, GREEDY, STOP, "t", CancelToken())
+    gen = r.generation
+    assert r.decision is Decision.KEEP and gen.token_ids[0] == r.glimpse.token_id
+    assert gen.text == e.token_text(gen.token_ids)
+    sampled = SamplingParams(temperature=0.6, top_p=0.95, seed=7, max_tokens=32)
+    r = await e.step(prompt, EntropyMethod.TOP_K, 1e9, 20, sampled, STOP, "t", CancelToken())
+    assert r.entropy == pytest.approx(r.glimpse.entropy_top_k)  # from the raw logits, not T=0.6
+    g = await e.glimpse(prompt, 20, "t", CancelToken())
+    assert r.entropy == pytest.approx(g.entropy_top_k, abs=2e-2)
+    assert r.generation.token_ids[0] in {t.token_id for t in g.top}  # drawn from the glimpsed distribution
+    if gen.finish_reason is FinishReason.STEP_END:  # cut at the token that completed "\n\n"
+        assert "\n\n" in gen.text and "\n\n" not in e.token_text(gen.token_ids[:-1]).lstrip()
+
+
+@pytest.mark.trtllm
+async def test_gpu_streaming_equals_unary(gpu_engine):
+    e, prompt = gpu_engine, gpu_prompt(gpu_engine)
+    chunks = [c async for c in e.generate(prompt, GREEDY, StopParams(step_boundary=""), "t", CancelToken())]
+    final = chunks[-1].final
+    assert sum((c.token_ids for c in chunks), []) == final.token_ids
+    assert "".join(c.text for c in chunks) == final.text
+    unary = await e.generate_full(prompt, GREEDY, StopParams(step_boundary=""), "t", CancelToken())
+    assert unary.token_ids == final.token_ids and unary.usage.cached_tokens >= 0
