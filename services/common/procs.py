@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 _READY = re.compile(r"\bready\b.*\bport=(\d+)")
+_FIELD = re.compile(r"(\w+)=(\S+)")
 
 
 class ServiceFailed(RuntimeError):
@@ -29,6 +30,8 @@ class Service:
     name: str
     proc: subprocess.Popen
     port: int = 0
+    # key=value pairs of the ready line (model=..., metrics_port=...).
+    ready_fields: dict = field(default_factory=dict)
     log_tail: deque = field(default_factory=lambda: deque(maxlen=200))
 
     @property
@@ -82,6 +85,7 @@ def start(
             m = _READY.search(line)
             if m and not ready.is_set():
                 svc.port = int(m.group(1))
+                svc.ready_fields = dict(_FIELD.findall(line))
                 ready.set()
 
     threading.Thread(target=pump, name=f"log-{name}", daemon=True).start()

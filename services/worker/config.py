@@ -13,6 +13,7 @@ class WorkerSettings:
     model_id: str = setting("", "model id reported to routers (default: derived from --model)")
     host: str = setting("127.0.0.1", "address to listen on")
     port: int = setting(50061, "gRPC port (0 = pick a free one and print it)")
+    metrics_port: int = setting(0, "Prometheus metrics HTTP port (0 = a free one, announced at start; -1 = off)")
     context_length: int = setting(4096, "context window in tokens (llama.cpp n_ctx)")
     threads: int = setting(0, "CPU threads for llama.cpp (0 = all cores)")
     kv_cache_bytes: int = setting(2 * 1024**3, "bytes of saved per-session KV state kept in memory (llama.cpp)")

@@ -15,6 +15,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from glimprouter.v1 import worker_pb2, worker_pb2_grpc
+from services.common import telemetry
+from services.worker import observe
 from services.worker.config import WorkerSettings
 from services.worker.engine import Engine
 from services.worker.servicer import WorkerServicer
@@ -55,16 +57,21 @@ class WorkerServer:
         await self.engine.start()
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        observe.READY.labels(self.engine.info.model_id).set(1)
         return self.port
 
     async def stop(self, grace: float | None = None) -> None:
         # Readiness goes first so load balancers stop sending while steps in flight finish.
         await self.health.enter_graceful_shutdown()
+        observe.READY.labels(self.engine.info.model_id).set(0)
         await self.server.stop(self.settings.shutdown_grace_s if grace is None else grace)
         await self.engine.close()
+        telemetry.shutdown()
 
 
 async def serve(settings: WorkerSettings, engine: Engine) -> None:
+    telemetry.setup("glimprouter-worker")  # before the server exists: it patches grpc.aio.server
+    metrics_port = telemetry.start_metrics_server(settings.metrics_port, settings.host)
     server = WorkerServer(settings, engine)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -73,7 +80,10 @@ async def serve(settings: WorkerSettings, engine: Engine) -> None:
     port = await server.start()
     info = engine.info
     # Parents (the CLI, tests) read this line to learn the port when --port 0.
-    print(f"glimprouter-worker ready model={info.model_id} backend={info.backend} port={port}", flush=True)
+    print(
+        f"glimprouter-worker ready model={info.model_id} backend={info.backend} port={port} metrics_port={metrics_port}",
+        flush=True,
+    )
     await stopping.wait()
     log.info("shutting down: draining for up to %.0fs", settings.shutdown_grace_s)
     await server.stop()

@@ -4,38 +4,45 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from typing import AsyncIterator
 
 import grpc
 
 from glimprouter.v1 import worker_pb2 as pb
 from glimprouter.v1 import worker_pb2_grpc as pb_grpc
-from services.worker import convert, validation as v
+from services.worker import convert, observe, validation as v
 from services.worker.engine import CancelToken, Engine, EngineError
 
 log = logging.getLogger(__name__)
-
-
-@contextlib.asynccontextmanager
-async def _errors(context: grpc.aio.ServicerContext):
-    """Map validation and engine errors to gRPC status codes; keep serving."""
-    try:
-        yield
-    except (v.InvalidArgument, EngineError) as exc:
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-    except asyncio.CancelledError:
-        raise
-    except grpc.aio.AbortError:
-        raise
-    except Exception:
-        log.exception("worker call failed")
-        await context.abort(grpc.StatusCode.INTERNAL, "internal error in the model worker (see its log)")
 
 
 class WorkerServicer(pb_grpc.ModelWorkerServicer):
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.limits = v.Limits.of(engine.info)
+
+    @contextlib.asynccontextmanager
+    async def _call(self, context: grpc.aio.ServicerContext, method: str):
+        """Map validation and engine errors to status codes (the server keeps serving)
+        and record metrics and span attributes; callers append their response."""
+        started, code, out = time.perf_counter(), "OK", []
+        try:
+            yield out
+        except (v.InvalidArgument, EngineError) as exc:
+            code = "INVALID_ARGUMENT"
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        except grpc.aio.AbortError:
+            raise
+        except Exception:
+            code = "INTERNAL"
+            log.exception("%s failed", method)
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error in the model worker (see its log)")
+        finally:
+            observe.record(self.engine.info.model_id, method, code, time.perf_counter() - started, out[-1] if out else None)
 
     def _prompt(self, prompt: pb.Prompt) -> list[int]:
         return v.prompt_ids(prompt, self.limits, lambda text: self.engine.tokenize(text, add_bos=True))
@@ -44,24 +51,27 @@ class WorkerServicer(pb_grpc.ModelWorkerServicer):
         return convert.model_info(self.engine.info)
 
     async def RenderPrompt(self, request: pb.RenderPromptRequest, context):
-        async with _errors(context):
+        async with self._call(context, "RenderPrompt") as out:
             msgs = v.messages(request.messages, request.add_generation_prompt, request.continue_final_message)
             ids, text = self.engine.render_prompt(msgs, request.add_generation_prompt, request.continue_final_message)
-            return pb.RenderPromptResponse(token_ids=ids, text=text)
+            out.append(pb.RenderPromptResponse(token_ids=ids, text=text))
+            return out[-1]
 
     async def Tokenize(self, request: pb.TokenizeRequest, context):
-        async with _errors(context):
-            return pb.TokenizeResponse(token_ids=self.engine.tokenize(request.text))
+        async with self._call(context, "Tokenize") as out:
+            out.append(pb.TokenizeResponse(token_ids=self.engine.tokenize(request.text)))
+            return out[-1]
 
     async def Glimpse(self, request: pb.GlimpseRequest, context):
-        async with _errors(context):
+        async with self._call(context, "Glimpse") as out:
             prompt = self._prompt(request.prompt)
             k = v.top_k(request.top_k)
             sid = v.session_id(request.session_id)
-            return convert.glimpse(await self.engine.glimpse(prompt, k, sid, CancelToken()))
+            out.append(convert.glimpse(await self.engine.glimpse(prompt, k, sid, CancelToken())))
+            return out[-1]
 
     async def Step(self, request: pb.StepRequest, context):
-        async with _errors(context):
+        async with self._call(context, "Step") as out:
             args = (
                 self._prompt(request.prompt),
                 v.entropy_method(request.entropy_method),
@@ -73,7 +83,8 @@ class WorkerServicer(pb_grpc.ModelWorkerServicer):
             )
             cancel = CancelToken()
             try:
-                return convert.step(await self.engine.step(*args, cancel))
+                out.append(convert.step(await self.engine.step(*args, cancel)))
+                return out[-1]
             finally:
                 cancel.cancel()  # a cancelled RPC stops the decode loop between tokens
 
@@ -86,7 +97,7 @@ class WorkerServicer(pb_grpc.ModelWorkerServicer):
         )
 
     async def Generate(self, request: pb.GenerateRequest, context):
-        async with _errors(context):
+        async with self._call(context, "Generate") as out:
             prompt, sampling, stop, sid = self._generate_args(request)
             cancel = CancelToken()
             try:
@@ -95,16 +106,18 @@ class WorkerServicer(pb_grpc.ModelWorkerServicer):
                 )
             finally:
                 cancel.cancel()
-            return convert.generation(gen)
+            out.append(convert.generation(gen))
+            return out[-1]
 
     async def GenerateStream(self, request: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateChunk]:
-        async with _errors(context):
+        async with self._call(context, "GenerateStream") as out:
             prompt, sampling, stop, sid = self._generate_args(request)
             cancel = CancelToken()
             stream = self.engine.generate(prompt, sampling, stop, sid, cancel, request.return_entropies, v.top_k(request.top_k))
             try:
                 async for c in stream:
-                    yield convert.chunk(c)
+                    out[:] = [convert.chunk(c)]  # metrics read the last (final) chunk
+                    yield out[-1]
             finally:
                 cancel.cancel()
                 await stream.aclose()

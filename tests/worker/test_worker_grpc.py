@@ -187,3 +187,57 @@ def test_bad_step_fields(worker_stub):
     with pytest.raises(grpc.RpcError) as err:
         worker_stub.RenderPrompt(pb.RenderPromptRequest())
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "messages" in err.value.details()
+
+
+def _scrape(port: int) -> dict[str, float]:
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+def test_metrics_move_by_what_the_calls_did(smol_worker, worker_stub):
+    port = int(smol_worker.ready_fields["metrics_port"])
+    model = worker_stub.GetModelInfo(pb.GetModelInfoRequest()).model_id
+    lab = f'model="{model}"'
+    before = _scrape(port)
+    prompt = render(worker_stub)
+    g = worker_stub.Glimpse(pb.GlimpseRequest(prompt=ids(prompt), session_id="metrics"))
+    gen = worker_stub.Generate(pb.GenerateRequest(prompt=ids(prompt), sampling=pb.Sampling(max_tokens=5),
+                                                  stop=pb.StopCondition(step_boundary=""), session_id="metrics"))
+    with pytest.raises(grpc.RpcError):
+        worker_stub.Glimpse(pb.GlimpseRequest())
+    after = _scrape(port)
+
+    def delta(name):
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    assert delta(f'glimprouter_worker_requests_total{{code="OK",method="Glimpse",{lab}}}') == 1
+    assert delta(f'glimprouter_worker_requests_total{{code="INVALID_ARGUMENT",method="Glimpse",{lab}}}') == 1
+    assert delta(f'glimprouter_worker_generated_tokens_total{{method="Generate",{lab}}}') == len(gen.token_ids) == 5
+    prefilled = g.usage.prefilled_tokens + gen.usage.prefilled_tokens
+    cached = g.usage.cached_tokens + gen.usage.cached_tokens
+    assert delta(f'glimprouter_worker_prompt_tokens_total{{kind="prefilled",{lab}}}') == prefilled
+    assert delta(f'glimprouter_worker_prompt_tokens_total{{kind="cached",{lab}}}') == cached
+    assert after[f"glimprouter_worker_ready{{{lab}}}"] == 1
+
+
+def test_render_continues_a_final_assistant_message(worker_stub):
+    msgs = [pb.ChatMessage(role="user", content="Add 2 and 3."), pb.ChatMessage(role="assistant", content="First, 2 + 3")]
+    cont = worker_stub.RenderPrompt(pb.RenderPromptRequest(messages=msgs, continue_final_message=True))
+    closed = worker_stub.RenderPrompt(pb.RenderPromptRequest(messages=msgs))
+    assert cont.text.endswith("First, 2 + 3")
+    assert closed.text.startswith(cont.text) and len(closed.text) > len(cont.text)  # the end-of-turn tokens follow
+
+
+def test_sigterm_drains_and_exits_zero(worker_factory):
+    import signal
+
+    svc = worker_factory()
+    svc.proc.send_signal(signal.SIGTERM)
+    assert svc.proc.wait(30) == 0

@@ -1,0 +1,61 @@
+"""Worker metrics (Prometheus) and span attributes (OpenTelemetry gen_ai.* names
+where they fit). The servicer calls `record` once per call with its response."""
+from __future__ import annotations
+
+from opentelemetry import trace
+from prometheus_client import Counter, Gauge, Histogram
+
+from glimprouter.v1 import worker_pb2 as pb
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+REQUESTS = Counter("glimprouter_worker_requests_total", "Worker calls by method and gRPC code", ["model", "method", "code"])
+DURATION = Histogram("glimprouter_worker_request_duration_seconds", "Worker call time", ["model", "method"], buckets=_LATENCY_BUCKETS)
+QUEUE = Histogram("glimprouter_worker_queue_seconds", "Time a call waited for the model", ["model"], buckets=_LATENCY_BUCKETS)
+PROMPT_TOKENS = Counter("glimprouter_worker_prompt_tokens_total", "Prompt tokens by whether their KV state was reused", ["model", "kind"])
+GENERATED = Counter("glimprouter_worker_generated_tokens_total", "Tokens generated", ["model", "method"])
+DECISIONS = Counter("glimprouter_worker_step_decisions_total", "Fused Step outcomes", ["model", "decision"])
+READY = Gauge("glimprouter_worker_ready", "1 once the model is loaded and warm", ["model"])
+
+_DECISION = {pb.STEP_DECISION_KEEP: "keep", pb.STEP_DECISION_ESCALATE: "escalate"}
+
+
+def _usage_and_timings(response) -> tuple[pb.Usage | None, pb.Timings | None]:
+    if isinstance(response, pb.StepResponse):
+        src = response.generation if response.HasField("generation") else response.glimpse
+        return src.usage, src.timings
+    if isinstance(response, (pb.GlimpseResponse, pb.GenerateResponse, pb.GenerateChunk)):
+        return response.usage, response.timings
+    return None, None
+
+
+def record(model: str, method: str, code: str, seconds: float, response=None) -> None:
+    REQUESTS.labels(model, method, code).inc()
+    DURATION.labels(model, method).observe(seconds)
+    usage, timings = _usage_and_timings(response) if response is not None else (None, None)
+    span = trace.get_current_span()
+    attrs: dict = {"gen_ai.request.model": model, "glimprouter.worker.method": method}
+    if usage is not None and timings is not None:
+        PROMPT_TOKENS.labels(model, "prefilled").inc(usage.prefilled_tokens)
+        PROMPT_TOKENS.labels(model, "cached").inc(usage.cached_tokens)
+        GENERATED.labels(model, method).inc(usage.generated_tokens)
+        QUEUE.labels(model).observe(timings.queue_ms / 1e3)
+        attrs.update(
+            {
+                "gen_ai.usage.input_tokens": usage.prompt_tokens,
+                "gen_ai.usage.output_tokens": usage.generated_tokens,
+                "glimprouter.prefill_tokens": usage.prefilled_tokens,
+                "glimprouter.cached_tokens": usage.cached_tokens,
+                "glimprouter.queue_ms": timings.queue_ms,
+                "glimprouter.prefill_ms": timings.prefill_ms,
+                "glimprouter.decode_ms": timings.decode_ms,
+            }
+        )
+    if isinstance(response, pb.StepResponse):
+        decision = _DECISION.get(response.decision, "unknown")
+        DECISIONS.labels(model, decision).inc()
+        attrs.update({"glimprouter.decision": decision, "glimprouter.entropy": response.entropy})
+    if isinstance(response, pb.GlimpseResponse):
+        attrs.update({"glimprouter.entropy_top_k": response.entropy_top_k, "glimprouter.entropy_full": response.entropy_full})
+    if span.is_recording():
+        span.set_attributes(attrs)
