@@ -1,0 +1,194 @@
+"""The router process: a thin gRPC servicer over RouterCore, with health and reflection.
+
+Readiness ("" and the Router service name on grpc.health.v1) is SERVING only
+while Redis answers and each pool has a healthy worker; "liveness" is SERVING as
+soon as the process answers.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from glimprouter.v1 import router_pb2 as pb
+from glimprouter.v1 import router_pb2_grpc as pb_grpc
+from services.router import convert
+from services.router.config import RouterSettings
+from services.router.core import RouterCore
+from services.router.store import SessionStore
+from services.router.types import AnswerDelta, Finished, RouterError, Started, StepDone
+from services.router.workers import DEADLINE, WorkerPool
+
+log = logging.getLogger("glimprouter.router")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Router"].full_name
+LIVENESS = "liveness"
+
+
+@contextlib.asynccontextmanager
+async def _errors(context: grpc.aio.ServicerContext):
+    """Router errors become their status codes with their message; anything else is INTERNAL."""
+    try:
+        yield
+    except RouterError as exc:
+        await context.abort(grpc.StatusCode[exc.code], str(exc))
+    except (asyncio.CancelledError, grpc.aio.AbortError):
+        raise
+    except Exception as exc:
+        if "redis" in type(exc).__module__:
+            log.warning("redis error: %s", exc)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"session store unavailable: {exc}")
+        log.exception("router call failed")
+        await context.abort(grpc.StatusCode.INTERNAL, "internal error in the router (see its log)")
+
+
+def _set_deadline(context: grpc.aio.ServicerContext, default_s: float) -> None:
+    left = context.time_remaining()
+    DEADLINE.set(time.monotonic() + (left if left is not None else default_s))
+
+
+class RouterServicer(pb_grpc.RouterServicer):
+    def __init__(self, core: RouterCore, settings: RouterSettings) -> None:
+        self.core = core
+        self.settings = settings
+
+    async def _events(self, request: pb.ReasonRequest, context):
+        _set_deadline(context, self.settings.request_timeout_s)
+        async for ev in self.core.reason(convert.reason_request(request)):
+            yield ev
+
+    async def ReasonStream(self, request, context):
+        async with _errors(context):
+            async for ev in self._events(request, context):
+                if isinstance(ev, Started):
+                    yield pb.ReasonEvent(started=pb.SessionStarted(
+                        session_id=ev.session_id, turn=ev.turn, prefix_mode=convert.PREFIX_MODE[ev.prefix_mode],
+                        resumed_steps=ev.resumed_steps, small_model=ev.small_model, large_model=ev.large_model,
+                    ))
+                elif isinstance(ev, StepDone):
+                    yield pb.ReasonEvent(step=convert.step_event(ev.record, ev.token_ids))
+                elif isinstance(ev, AnswerDelta):
+                    yield pb.ReasonEvent(answer=pb.AnswerDelta(text=ev.text, role=convert.ROLE[ev.role]))
+                elif isinstance(ev, Finished):
+                    yield pb.ReasonEvent(done=pb.Done(session_id=ev.session_id, answer=ev.answer, stats=convert.stats(ev.stats)))
+
+    async def Reason(self, request, context):
+        out = pb.ReasonResponse()
+        async with _errors(context):
+            async for ev in self._events(request, context):
+                if isinstance(ev, Started):
+                    out.session_id, out.turn, out.prefix_mode = ev.session_id, ev.turn, convert.PREFIX_MODE[ev.prefix_mode]
+                elif isinstance(ev, StepDone):
+                    out.steps.append(convert.step_event(ev.record, ev.token_ids))
+                elif isinstance(ev, Finished):
+                    out.answer = ev.answer
+                    out.stats.CopyFrom(convert.stats(ev.stats))
+        return out
+
+    async def GetSession(self, request, context):
+        async with _errors(context):
+            view = await self.core.get_session(request.session_id)
+            return convert.session(view, request.include_prefix)
+
+    async def CancelSession(self, request, context):
+        async with _errors(context):
+            cancelled, status = await self.core.cancel(request.session_id)
+            return pb.CancelSessionResponse(cancelled=cancelled, status=status)
+
+
+class RouterServer:
+    def __init__(self, settings: RouterSettings) -> None:
+        self.settings = settings
+        self.store = SessionStore.from_url(
+            settings.redis_url, settings.key_prefix, settings.session_ttl_s, settings.lease_ms, settings.max_sessions,
+            settings.redis_max_connections,
+        )
+        common = dict(
+            retries=settings.worker_retries,
+            health_interval_s=settings.health_interval_s,
+            max_message_bytes=settings.max_message_bytes,
+            default_timeout_s=settings.request_timeout_s,
+        )
+        self.pools = {
+            "small": WorkerPool("small", list(settings.small), **common),
+            "large": WorkerPool("large", list(settings.large), **common),
+        }
+        self.health = health.aio.HealthServicer()
+        self.server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", settings.max_message_bytes),
+                ("grpc.max_send_message_length", settings.max_message_bytes),
+            ]
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self.server,
+        )
+        self.core: RouterCore | None = None
+        self.port = 0
+        self._ready_task: asyncio.Task | None = None
+
+    async def start(self) -> int:
+        self.port = self.server.add_insecure_port(f"{self.settings.host}:{self.settings.port}")
+        if self.port == 0:
+            raise RuntimeError(f"could not listen on {self.settings.host}:{self.settings.port}")
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
+        # The Router service is added only once the pools are known: until then only
+        # health answers, and it says NOT_SERVING.
+        await asyncio.gather(*(p.start(self.settings.connect_timeout_s) for p in self.pools.values()))
+        await self.store.r.ping()
+        self.core = RouterCore(self.settings, self.store, self.pools["small"], self.pools["large"])
+        pb_grpc.add_RouterServicer_to_server(RouterServicer(self.core, self.settings), self.server)
+        await self.server.start()
+        await self._update_readiness()
+        self._ready_task = asyncio.create_task(self._readiness_loop())
+        return self.port
+
+    async def _update_readiness(self) -> None:
+        try:
+            ok = bool(await self.store.r.ping()) and all(
+                any(ep.healthy for ep in pool.endpoints) for pool in self.pools.values()
+            )
+        except Exception:
+            ok = False
+        status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    async def _readiness_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.health_interval_s)
+            await self._update_readiness()
+
+    async def stop(self, grace: float | None = None) -> None:
+        if self._ready_task is not None:
+            self._ready_task.cancel()
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(self.settings.shutdown_grace_s if grace is None else grace)
+        for pool in self.pools.values():
+            await pool.close()
+        await self.store.close()
+
+
+async def serve(settings: RouterSettings) -> None:
+    server = RouterServer(settings)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    port = await server.start()
+    assert server.core is not None
+    # Parents (the CLI, tests) read this line to learn the port when --port 0.
+    print(f"glimprouter-router ready mode={server.core.mode} port={port}", flush=True)
+    await stopping.wait()
+    log.info("shutting down: draining for up to %.0fs", settings.shutdown_grace_s)
+    await server.stop()

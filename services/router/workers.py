@@ -1,0 +1,352 @@
+"""Worker pools over gRPC: session affinity, health, retries within the deadline.
+
+A pool holds every endpoint of one role. A session sticks to one replica per role
+while that replica is healthy, because its KV cache is there; the choice is kept
+in the session's Redis hash (the `affinity` dict the core persists with each
+step), so another router replica that picks the session up goes to the same
+replica. A new session's replica is chosen by rendezvous hashing, so replicas
+agree even before anything is stored.
+
+A failed call (UNAVAILABLE, RESOURCE_EXHAUSTED) is retried on another healthy
+replica: nothing is stored until a step completes, so a step is idempotent until
+written. Every call carries the request's remaining deadline; cancelling the
+calling task cancels the RPC, and the worker stops decoding.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import hashlib
+import logging
+import time
+from typing import AsyncIterator, Sequence
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from glimprouter.v1 import worker_pb2 as pb
+from glimprouter.v1 import worker_pb2_grpc as pb_grpc
+from services.router.types import InvalidArgument, RouterError, WorkersUnavailable
+from services.router.worker_client import WorkerClient
+from services.worker.types import (
+    Chunk,
+    Decision,
+    EntropyMethod,
+    FinishReason,
+    Generation,
+    Glimpse,
+    ModelInfo,
+    SamplingParams,
+    StepResult,
+    StopParams,
+    Timings,
+    TokenLogprob,
+    Usage,
+)
+
+log = logging.getLogger("glimprouter.router.workers")
+
+# Absolute time.monotonic() by which the current request must finish; set by the
+# servicer per request and inherited by every task the request starts.
+DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("glimprouter_deadline", default=None)
+
+_RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}
+
+
+class DeadlineExceeded(RouterError):
+    code = "DEADLINE_EXCEEDED"
+
+
+# ---- protobuf -> dataclasses ------------------------------------------------------------
+_FINISH = {
+    pb.FINISH_REASON_STEP_END: FinishReason.STEP_END,
+    pb.FINISH_REASON_EOS: FinishReason.EOS,
+    pb.FINISH_REASON_LENGTH: FinishReason.LENGTH,
+    pb.FINISH_REASON_STOP: FinishReason.STOP,
+    pb.FINISH_REASON_CANCELLED: FinishReason.CANCELLED,
+    pb.FINISH_REASON_CONTEXT: FinishReason.CONTEXT,
+}
+
+
+def _usage(u: pb.Usage) -> Usage:
+    return Usage(u.prompt_tokens, u.cached_tokens, u.prefilled_tokens, u.generated_tokens)
+
+
+def _timings(t: pb.Timings) -> Timings:
+    return Timings(t.queue_ms, t.prefill_ms, t.decode_ms, t.total_ms)
+
+
+def model_info(m: pb.ModelInfo) -> ModelInfo:
+    return ModelInfo(
+        m.model_id, m.backend, m.vocab_size, m.context_length, tuple(m.eos_token_ids), m.bos_token_id,
+        m.has_chat_template, m.tokenizer_fingerprint, m.think_start, m.think_end,
+    )
+
+
+def glimpse(g: pb.GlimpseResponse) -> Glimpse:
+    top = [TokenLogprob(t.token_id, t.text, t.logprob) for t in g.top]
+    return Glimpse(g.token_id, g.token_text, g.entropy_full, g.entropy_top_k, top, _usage(g.usage), _timings(g.timings))
+
+
+def generation(g: pb.GenerateResponse) -> Generation:
+    return Generation(
+        list(g.token_ids), g.text, _FINISH.get(g.finish_reason, FinishReason.LENGTH), _usage(g.usage),
+        _timings(g.timings), list(g.entropies), g.matched_stop,
+    )
+
+
+def _sampling(s: SamplingParams) -> pb.Sampling:
+    out = pb.Sampling(temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens)
+    if s.top_k:
+        out.top_k = s.top_k
+    if s.seed is not None:
+        out.seed = s.seed
+    return out
+
+
+def _stop(s: StopParams) -> pb.StopCondition:
+    return pb.StopCondition(step_boundary=s.step_boundary, stop=list(s.stop), stop_on_eos=s.stop_on_eos)
+
+
+def _prompt(ids: Sequence[int]) -> pb.Prompt:
+    return pb.Prompt(token_ids=pb.TokenIds(ids=ids))
+
+
+# ---- endpoints and pools ------------------------------------------------------------------
+class Endpoint:
+    def __init__(self, address: str, max_message_bytes: int) -> None:
+        self.address = address
+        opts = [
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+        ]
+        self.channel = grpc.aio.insecure_channel(address, options=opts)
+        self.stub = pb_grpc.ModelWorkerStub(self.channel)
+        self.health = health_pb2_grpc.HealthStub(self.channel)
+        self.healthy = False
+        self.info: ModelInfo | None = None
+
+
+def _rendezvous(session_id: str, address: str) -> bytes:
+    return hashlib.blake2b(f"{session_id}\x00{address}".encode(), digest_size=8).digest()
+
+
+class WorkerPool:
+    def __init__(
+        self,
+        role: str,
+        addresses: Sequence[str],
+        *,
+        retries: int = 2,
+        health_interval_s: float = 2.0,
+        max_message_bytes: int = 16 * 1024 * 1024,
+        default_timeout_s: float = 600.0,
+    ) -> None:
+        if not addresses:
+            raise ValueError(f"the {role} pool has no endpoints")
+        self.role = role
+        self.endpoints = [Endpoint(a, max_message_bytes) for a in addresses]
+        self.retries = retries
+        self.health_interval_s = health_interval_s
+        self.default_timeout_s = default_timeout_s
+        self.info: ModelInfo | None = None
+        self._health_task: asyncio.Task | None = None
+
+    async def start(self, connect_timeout_s: float, straggler_s: float = 2.0) -> None:
+        """Learn the model from the endpoints that answer: wait for the first (up to the
+        timeout), give the rest `straggler_s` more, and leave later ones to the health loop."""
+
+        async def probe(ep: Endpoint) -> bool:
+            try:
+                m = await ep.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=connect_timeout_s, wait_for_ready=True)
+            except grpc.aio.AioRpcError as exc:
+                log.warning("%s worker %s did not answer: %s", self.role, ep.address, exc.details())
+                return False
+            ep.info = model_info(m)
+            return True
+
+        pending = {asyncio.create_task(probe(ep)) for ep in self.endpoints}
+        while pending and not any(ep.info for ep in self.endpoints):
+            _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        if pending:
+            _, pending = await asyncio.wait(pending, timeout=straggler_s)
+            for task in pending:
+                task.cancel()
+        up = [ep for ep in self.endpoints if ep.info is not None]
+        if not up:
+            raise WorkersUnavailable(f"no {self.role} worker answered within {connect_timeout_s:.0f}s")
+        self.info = up[0].info
+        for ep in up:
+            ep.healthy = self._compatible(ep)
+        self._health_task = asyncio.create_task(self._health_loop())
+
+    def _compatible(self, ep: Endpoint) -> bool:
+        assert self.info is not None and ep.info is not None
+        if ep.info.tokenizer_fingerprint != self.info.tokenizer_fingerprint:
+            log.error("%s worker %s serves a different tokenizer than the pool; not using it", self.role, ep.address)
+            return False
+        return True
+
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.health_interval_s)
+            await asyncio.gather(*(self._check(ep) for ep in self.endpoints), return_exceptions=True)
+
+    async def _check(self, ep: Endpoint) -> None:
+        try:
+            r = await ep.health.Check(health_pb2.HealthCheckRequest(service=""), timeout=max(0.5, self.health_interval_s / 2))
+            serving = r.status == health_pb2.HealthCheckResponse.SERVING
+            if serving and ep.info is None:
+                ep.info = model_info(await ep.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=5))
+            ok = serving and self._compatible(ep)
+        except grpc.aio.AioRpcError:
+            ok = False
+        if ok != ep.healthy:
+            log.info("%s worker %s is now %s", self.role, ep.address, "healthy" if ok else "unhealthy")
+        ep.healthy = ok
+
+    async def close(self) -> None:
+        if self._health_task is not None:
+            self._health_task.cancel()
+        await asyncio.gather(*(ep.channel.close() for ep in self.endpoints), return_exceptions=True)
+
+    # ---- choosing a replica ----------------------------------------------------------------
+    def pick(self, session_id: str, affinity: dict[str, str], exclude: set[str]) -> Endpoint:
+        current = affinity.get(self.role)
+        candidates = [ep for ep in self.endpoints if ep.healthy and ep.address not in exclude]
+        for ep in candidates:
+            if ep.address == current:
+                return ep
+        if not candidates:
+            # Health may lag behind a restart: try the ones not yet failed in this call.
+            candidates = [ep for ep in self.endpoints if ep.address not in exclude and ep.info is not None]
+        if not candidates:
+            raise WorkersUnavailable(f"no healthy {self.role} worker (tried {', '.join(sorted(exclude)) or 'none'})")
+        chosen = max(candidates, key=lambda ep: _rendezvous(session_id, ep.address))
+        affinity[self.role] = chosen.address
+        return chosen
+
+    def _timeout(self) -> float:
+        deadline = DEADLINE.get()
+        if deadline is None:
+            return self.default_timeout_s
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise DeadlineExceeded("the request's deadline passed before the step finished")
+        return left
+
+    async def call(self, session_id: str, affinity: dict[str, str], method: str, request):
+        tried: set[str] = set()
+        for attempt in range(self.retries + 1):
+            ep = self.pick(session_id, affinity, tried)
+            try:
+                return await getattr(ep.stub, method)(request, timeout=self._timeout())
+            except grpc.aio.AioRpcError as exc:
+                self._raise_unless_retryable(ep, exc, method)
+                tried.add(ep.address)
+                log.warning("%s worker %s failed %s (%s); retrying elsewhere", self.role, ep.address, method, exc.code().name)
+        raise WorkersUnavailable(f"{method} failed on every {self.role} worker tried ({', '.join(sorted(tried))})")
+
+    async def stream(self, session_id: str, affinity: dict[str, str], request) -> AsyncIterator[pb.GenerateChunk]:
+        tried: set[str] = set()
+        for attempt in range(self.retries + 1):
+            ep = self.pick(session_id, affinity, tried)
+            started = False
+            try:
+                async for chunk in ep.stub.GenerateStream(request, timeout=self._timeout()):
+                    started = True
+                    yield chunk
+                return
+            except grpc.aio.AioRpcError as exc:
+                if started:  # text already reached the caller: cannot replay elsewhere
+                    raise WorkersUnavailable(f"{self.role} worker {ep.address} failed mid-stream: {exc.details()}") from None
+                self._raise_unless_retryable(ep, exc, "GenerateStream")
+                tried.add(ep.address)
+        raise WorkersUnavailable(f"GenerateStream failed on every {self.role} worker tried ({', '.join(sorted(tried))})")
+
+    def _raise_unless_retryable(self, ep: Endpoint, exc: grpc.aio.AioRpcError, method: str) -> None:
+        code = exc.code()
+        if code in _RETRYABLE:
+            if code is grpc.StatusCode.UNAVAILABLE:
+                ep.healthy = False
+            return
+        if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+            raise DeadlineExceeded(f"the request's deadline passed during {method} on the {self.role} worker") from None
+        if code is grpc.StatusCode.INVALID_ARGUMENT:
+            raise InvalidArgument(f"the {self.role} worker refused {method}: {exc.details()}") from None
+        if code is grpc.StatusCode.CANCELLED:
+            raise asyncio.CancelledError()
+        raise RouterError(f"{method} on {self.role} worker {ep.address} failed: {code.name}: {exc.details()}") from None
+
+    def bind(self, session_id: str, affinity: dict[str, str]) -> "BoundWorker":
+        return BoundWorker(self, session_id, affinity)
+
+
+class BoundWorker(WorkerClient):
+    """One session's view of a pool: the WorkerClient the step loop calls."""
+
+    def __init__(self, pool: WorkerPool, session_id: str, affinity: dict[str, str]) -> None:
+        assert pool.info is not None, "start() the pool first"
+        self.pool, self.session_id, self.affinity = pool, session_id, affinity
+        self.info = pool.info
+
+    async def _call(self, method: str, request):
+        return await self.pool.call(self.session_id, self.affinity, method, request)
+
+    async def render_prompt(self, messages, add_generation_prompt=True, continue_final_message=False):
+        req = pb.RenderPromptRequest(
+            messages=[pb.ChatMessage(role=m.role, content=m.content) for m in messages],
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+        )
+        r = await self._call("RenderPrompt", req)
+        return list(r.token_ids), r.text
+
+    async def tokenize(self, text: str) -> list[int]:
+        return list((await self._call("Tokenize", pb.TokenizeRequest(text=text))).token_ids)
+
+    async def glimpse(self, prompt, top_k):
+        r = await self._call("Glimpse", pb.GlimpseRequest(prompt=_prompt(prompt), top_k=top_k, session_id=self.session_id))
+        return glimpse(r)
+
+    async def step(self, prompt, method, threshold, top_k, sampling, stop):
+        req = pb.StepRequest(
+            prompt=_prompt(prompt),
+            entropy_method=pb.ENTROPY_METHOD_FULL if method is EntropyMethod.FULL else pb.ENTROPY_METHOD_TOP_K,
+            threshold=threshold,
+            top_k=top_k,
+            sampling=_sampling(sampling),
+            stop=_stop(stop),
+            session_id=self.session_id,
+        )
+        r = await self._call("Step", req)
+        keep = r.decision == pb.STEP_DECISION_KEEP
+        return StepResult(
+            Decision.KEEP if keep else Decision.ESCALATE,
+            r.entropy,
+            glimpse(r.glimpse),
+            generation(r.generation) if keep else None,
+        )
+
+    def _gen_request(self, prompt, sampling, stop, return_entropies=False, top_k=20) -> pb.GenerateRequest:
+        return pb.GenerateRequest(
+            prompt=_prompt(prompt), sampling=_sampling(sampling), stop=_stop(stop), session_id=self.session_id,
+            return_entropies=return_entropies, top_k=top_k,
+        )
+
+    async def generate(self, prompt, sampling, stop, return_entropies=False, top_k=20):
+        return generation(await self._call("Generate", self._gen_request(prompt, sampling, stop, return_entropies, top_k)))
+
+    async def generate_stream(self, prompt, sampling, stop) -> AsyncIterator[Chunk]:
+        ids: list[int] = []
+        text: list[str] = []
+        async for c in self.pool.stream(self.session_id, self.affinity, self._gen_request(prompt, sampling, stop)):
+            ids.extend(c.token_ids)
+            text.append(c.text)
+            final = None
+            if c.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
+                final = Generation(
+                    ids, "".join(text), _FINISH.get(c.finish_reason, FinishReason.LENGTH), _usage(c.usage),
+                    _timings(c.timings), [], c.matched_stop,
+                )
+            yield Chunk(list(c.token_ids), c.text, list(c.entropies), final)
