@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 export GLIMPROUTER_MODELS_DIR ?= $(CURDIR)/models
 PYTEST_ARGS ?=
 
-.PHONY: setup proto proto-check models models-test run test bench bench-worker clean help
+.PHONY: setup proto proto-check models models-test run test bench bench-worker bench-router clean help
 
 help:
 	@echo "make run     bring the whole system up on the embedded default (llama.cpp, CPU)"
@@ -42,13 +42,24 @@ models: $(STAMP)
 models-test: $(STAMP)
 	$(PY) -m services.worker.models fetch smollm2-135m
 
+# The whole system on the default pair: installs and fetches what is missing, starts
+# Redis (or uses a running one), both workers, the router and the gateway, answers one
+# sample question with its steps shown, then serves until Ctrl-C.
+run: $(STAMP) models
+	$(VENV)/bin/glimprouter up --demo
+
 test: $(STAMP) models-test
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench-worker: $(STAMP) models-test models
 	$(PY) -m benchmarks.worker_bench
 
-bench: bench-worker
+# Router overhead per step with zero-latency sim workers and a private Redis
+# (needs redis-server on PATH).
+bench-router: $(STAMP)
+	$(PY) -m benchmarks.router_bench
+
+bench: bench-worker bench-router
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -17,6 +17,7 @@ SETTINGS = [
     ("Gateway (`glimprouter-gateway`)", "gateway.config", "GatewaySettings"),
     ("Router (`glimprouter-router`)", "services.router.config", "RouterSettings"),
     ("Worker (`glimprouter-worker`)", "services.worker.config", "WorkerSettings"),
+    ("Local stack (`glimprouter up`)", "cli.config", "UpSettings"),
 ]
 
 
@@ -36,10 +37,7 @@ def table(cls: type) -> str:
 def render() -> str:
     parts = []
     for heading, module, name in SETTINGS:
-        try:
-            cls = getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError):
-            continue  # a service that does not exist yet has no table
+        cls = getattr(importlib.import_module(module), name)
         parts.append(f"### {heading}\n\n{table(cls)}\n")
     return "\n".join(parts)
 

@@ -52,3 +52,15 @@ def test_secrets_are_masked_in_descriptions():
 def test_readme_configuration_tables_are_current():
     run = subprocess.run([sys.executable, str(ROOT / "scripts" / "settings_table.py"), "--check"], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
+
+
+@dataclass
+class Flags:
+    demo: bool = st.setting(False, "a bare flag")
+    limit: int | None = st.setting(None, "an optional number")
+
+
+def test_bare_bool_flag_means_true_and_optional_types_convert():
+    assert st.load(Flags, ["--demo"]).demo is True
+    assert st.load(Flags, ["--demo", "false"]).demo is False
+    assert st.load(Flags, ["--limit", "3"]).limit == 3

@@ -90,10 +90,16 @@ def start(
 
     threading.Thread(target=pump, name=f"log-{name}", daemon=True).start()
     deadline = time.monotonic() + timeout
-    while not ready.wait(0.1):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            svc.kill()
-            tail = "\n".join(list(svc.log_tail)[-30:])
-            why = f"exited with {proc.returncode}" if proc.returncode is not None else f"not ready in {timeout:.0f}s"
-            raise ServiceFailed(f"{name} {why}; last output:\n{tail}")
+    try:
+        while not ready.wait(0.1):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                svc.kill()
+                tail = "\n".join(list(svc.log_tail)[-30:])
+                why = f"exited with {proc.returncode}" if proc.returncode is not None else f"not ready in {timeout:.0f}s"
+                raise ServiceFailed(f"{name} {why}; last output:\n{tail}")
+    except BaseException:
+        # Ctrl-C (or any error) while waiting: the caller never gets this Service to
+        # stop, so it must not outlive this call.
+        svc.kill()
+        raise
     return svc

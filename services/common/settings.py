@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import types
 import typing
 from typing import Any, Sequence, TypeVar
 
@@ -49,7 +50,7 @@ def _converter(tp: Any):
         return tp
     origin = typing.get_origin(tp)
     args = [a for a in typing.get_args(tp) if a is not type(None)]
-    if origin is typing.Union and len(args) == 1:
+    if origin in (typing.Union, types.UnionType) and len(args) == 1:
         return _converter(args[0])
     if origin in (list, tuple):
         return lambda text: [part.strip() for part in text.split(",") if part.strip()]
@@ -61,16 +62,19 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     for field in dataclasses.fields(cls):
         meta = field.metadata
         default = field.default if field.default is not dataclasses.MISSING else None
+        is_bool = hints[field.name] is bool
         parser.add_argument(
             flag_name(field.name),
             dest=field.name,
             default=None,
             type=str,
+            # A bare `--demo` means true; `--demo false` still works.
+            nargs="?" if is_bool else None,
+            const="true" if is_bool else None,
             choices=meta.get("choices"),
             metavar=field.name.upper() if not meta.get("choices") else None,
             help=f"{meta.get('help', '')} [env {env_name(field.name)}; default {default!r}]",
         )
-        _ = hints  # types are applied in from_namespace, after env lookup
 
 
 def from_namespace(cls: type[T], namespace: argparse.Namespace | None, environ: dict[str, str] | None = None) -> T:

@@ -1,0 +1,1 @@
+"""`glimprouter`: the command line of GlimpRouter (up, ask, session, models)."""
