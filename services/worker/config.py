@@ -31,4 +31,5 @@ class WorkerSettings:
     # TensorRT-LLM knobs (backend=trtllm only).
     trtllm_exact_entropy: bool = setting(False, "trtllm: gather generation logits for full-vocabulary entropy")
     trtllm_kv_free_fraction: float = setting(0.85, "trtllm: share of free GPU memory for the KV cache")
+    trtllm_tensor_parallel_size: int = setting(1, "trtllm: GPUs one model is split over (tensor parallelism)")
     trtllm_max_seq_len: int = setting(0, "trtllm: max sequence length (0 = the model's own; --context-length is llama.cpp's)")

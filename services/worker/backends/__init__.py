@@ -55,5 +55,6 @@ def create_engine(s: WorkerSettings) -> Engine:
             exact_entropy=s.trtllm_exact_entropy,
             kv_free_fraction=s.trtllm_kv_free_fraction,
             max_seq_len=s.trtllm_max_seq_len or None,
+            tensor_parallel_size=s.trtllm_tensor_parallel_size,
         )
     raise ValueError(f"unknown backend {s.backend!r} (choose from {', '.join(BACKENDS)})")
