@@ -55,6 +55,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("session_id", metavar="ID")
         _add_settings(p, SessionSettings)
 
+    sub.add_parser("eval", help="accuracy against latency per policy and threshold (see `glimprouter eval --help`)")
     models = sub.add_parser("models", help="fetch or list model files (services.worker.models)")
     msub = models.add_subparsers(dest="action", required=True, metavar="ACTION")
     f = msub.add_parser("fetch", help="download, assemble and verify models (default: the default pair)")
@@ -86,12 +87,11 @@ def _session(ns: argparse.Namespace) -> int:
     from cli.ask import describe_rpc_error
     from cli.render import Style, session_table
     from gateway.sessions import session_json
-    from gateway.router_client import RouterClient
 
     s = settings_mod.from_namespace(SessionSettings, ns)
 
     async def go() -> None:
-        client = RouterClient(s.router)
+        client = s.router_client()
         try:
             if ns.action == "cancel":
                 cancelled, status = await client.cancel_session(ns.session_id)
@@ -122,6 +122,12 @@ def _models(ns: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "eval":
+        # The evaluation has its own parser (python -m evaluation); hand it the rest.
+        from evaluation.__main__ import main as eval_main
+
+        return eval_main(argv[1:])
     ns = _parser().parse_args(argv)
     if ns.cmd == "up":
         from cli.up import run

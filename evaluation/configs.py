@@ -1,0 +1,126 @@
+"""What to compare: routing configurations written as short specs.
+
+    glimpse@0.9                  the paper's rule at tau = 0.9 nats
+    glimpse@0.9:mode=separate    the same, with Glimpse and Generate as two calls
+    glimpse:entropy=full         entropy over the whole vocabulary
+    large-only, small-only       one model writes every step
+    random:p=0.3                 a coin: the large model writes 30% of steps
+    verify:accept_score=7        SpecReason (draft, score, rewrite below 7)
+    step-entropy@0.5             mean entropy of the small model's whole step
+    adaptive:target=0.25         tau tracked to send 25% of steps to the large model
+
+`mode`, `entropy` and `top_k` set routing fields; any other key is a policy
+parameter the router checks. A glimpse or step-entropy spec without `@tau` is
+expanded into one configuration per threshold of the sweep.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from glimprouter.v1 import router_pb2 as pb
+
+POLICIES = ("glimpse", "large-only", "small-only", "random", "verify", "step-entropy", "adaptive")
+SWEPT = ("glimpse", "step-entropy")  # policies whose tau the --thresholds sweep sets
+_ROUTING_KEYS = ("mode", "entropy", "top_k")
+_MODES = {"fused": pb.GLIMPSE_MODE_FUSED, "separate": pb.GLIMPSE_MODE_SEPARATE}
+_ENTROPIES = {"top_k": pb.ENTROPY_TOP_K, "full": pb.ENTROPY_FULL}
+DEFAULT_TAU = 0.9
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Config:
+    policy: str
+    threshold: float | None = None
+    mode: str = "fused"
+    entropy: str = "top_k"
+    top_k: int | None = None
+    params: tuple[tuple[str, float], ...] = field(default_factory=tuple)
+
+    @property
+    def label(self) -> str:
+        """The spec in one canonical spelling: the key results are stored under."""
+        s = self.policy
+        if self.threshold is not None:
+            s += f"@{self.threshold:g}"
+        extra = []
+        if self.mode != "fused":
+            extra.append(f"mode={self.mode}")
+        if self.entropy != "top_k":
+            extra.append(f"entropy={self.entropy}")
+        if self.top_k is not None:
+            extra.append(f"top_k={self.top_k}")
+        extra += [f"{k}={v:g}" for k, v in self.params]
+        return ":".join([s, *extra])
+
+    @property
+    def glimpses(self) -> bool:
+        return self.policy in ("glimpse", "adaptive")
+
+    def routing(self) -> pb.RoutingOptions:
+        r = pb.RoutingOptions(policy=self.policy, glimpse_mode=_MODES[self.mode], entropy=_ENTROPIES[self.entropy],
+                              params=dict(self.params))
+        if self.threshold is not None:
+            r.threshold = self.threshold
+        if self.top_k is not None:
+            r.top_k = self.top_k
+        return r
+
+
+def _number(text: str, what: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"{what} must be a number, got {text!r}") from None
+
+
+def parse(spec: str) -> Config:
+    head, *parts = spec.strip().split(":")
+    policy, _, tau = head.partition("@")
+    if policy not in POLICIES:
+        raise ConfigError(f"unknown policy {policy!r} in {spec!r}; choose from {', '.join(POLICIES)}")
+    fields: dict = {"policy": policy}
+    if tau:
+        fields["threshold"] = _number(tau, f"the threshold in {spec!r}")
+    params = []
+    for part in parts:
+        key, eq, value = part.partition("=")
+        if not eq or not key:
+            raise ConfigError(f"{part!r} in {spec!r} is not key=value")
+        if key == "mode":
+            if value not in _MODES:
+                raise ConfigError(f"mode must be fused or separate, got {value!r}")
+            fields["mode"] = value
+        elif key == "entropy":
+            if value not in _ENTROPIES:
+                raise ConfigError(f"entropy must be top_k or full, got {value!r}")
+            fields["entropy"] = value
+        elif key == "top_k":
+            fields["top_k"] = int(_number(value, "top_k"))
+        else:
+            params.append((key, _number(value, f"parameter {key!r}")))
+    fields["params"] = tuple(sorted(params))
+    return Config(**fields)
+
+
+def expand(specs: list[str], thresholds: list[float]) -> list[Config]:
+    """Parse specs; a swept policy without a threshold becomes one config per
+    threshold (or the router's default tau when the sweep is empty)."""
+    out: list[Config] = []
+    for spec in specs:
+        c = parse(spec)
+        if c.policy in SWEPT and c.threshold is None:
+            taus = thresholds or [DEFAULT_TAU]
+            out += [Config(c.policy, t, c.mode, c.entropy, c.top_k, c.params) for t in taus]
+        elif c.policy == "adaptive" and c.threshold is None:
+            out.append(Config(c.policy, DEFAULT_TAU, c.mode, c.entropy, c.top_k, c.params))
+        else:
+            out.append(c)
+    labels = [c.label for c in out]
+    dupes = sorted({x for x in labels if labels.count(x) > 1})
+    if dupes:
+        raise ConfigError(f"configuration listed twice: {', '.join(dupes)}")
+    return out

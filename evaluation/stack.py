@@ -1,0 +1,183 @@
+"""The system an evaluation runs against: an existing router, or one started here.
+
+A started stack is a private `redis-server` on a free port (or --redis-url), one
+worker per model and a router, all child processes stopped on exit. Knowing the
+workers' addresses lets the run measure what only they can tell: per-token decode
+speed (calibration), their Prometheus counters around each problem (prefill
+tokens, glimpse time) and the step-level analysis.
+"""
+from __future__ import annotations
+
+import shlex
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+
+import redis
+
+from services.common import procs
+from services.worker import models
+
+
+class StackError(RuntimeError):
+    pass
+
+
+@dataclass
+class StackOptions:
+    small: str = "qwen2.5-coder-0.5b"
+    large: str = "qwen2.5-coder-1.5b"
+    backend: str = "llamacpp"
+    threads: int = 0
+    context_length: int = 4096
+    redis_url: str = ""  # empty: a private redis-server
+    small_args: str = ""  # extra worker flags, e.g. sim knobs
+    large_args: str = ""
+    echo: bool = False
+
+
+@dataclass
+class Stack:
+    router: str  # host:port
+    workers: dict[str, str] = field(default_factory=dict)  # role -> host:port (may be empty)
+    metrics: dict[str, str] = field(default_factory=dict)  # role -> http://.../metrics
+    models: dict[str, str] = field(default_factory=dict)  # role -> model id (as configured)
+    _services: list[procs.Service] = field(default_factory=list)
+    _redis: subprocess.Popen | None = None
+    _redis_dir: str = ""
+
+    def close(self) -> None:
+        for svc in reversed(self._services):
+            svc.stop()
+        self._services.clear()
+        if self._redis is not None:
+            self._redis.terminate()
+            try:
+                self._redis.wait(10)
+            except subprocess.TimeoutExpired:
+                self._redis.kill()
+            self._redis = None
+            shutil.rmtree(self._redis_dir, ignore_errors=True)
+
+    def __enter__(self) -> "Stack":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _private_redis(stack: Stack) -> str:
+    exe = shutil.which("redis-server")
+    if exe is None:
+        raise StackError("redis-server is not installed (apt-get install redis-server), and no --redis-url was given")
+    port = free_port()
+    stack._redis_dir = tempfile.mkdtemp(prefix="glimprouter-eval-redis-")
+    stack._redis = subprocess.Popen(
+        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", stack._redis_dir],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    client = redis.Redis(port=port)
+    try:
+        for _ in range(200):
+            try:
+                client.ping()
+                return f"redis://127.0.0.1:{port}/0"
+            except redis.ConnectionError:
+                time.sleep(0.05)
+    finally:
+        client.close()
+    raise StackError("the private redis-server did not start")
+
+
+def _worker_args(role: str, model: str, opts: StackOptions) -> list[str]:
+    extra = shlex.split(opts.small_args if role == "small" else opts.large_args)
+    if opts.backend == "sim":
+        return ["services.worker", "--backend", "sim", "--model", "sim", "--model-id", model or f"sim-{role}",
+                "--port", "0", *extra]
+    try:
+        path = models.resolve(model)
+    except models.ModelError as exc:
+        raise StackError(str(exc)) from None
+    return ["services.worker", "--backend", opts.backend, "--model", str(path), "--model-id", model, "--port", "0",
+            "--threads", str(opts.threads), "--context-length", str(opts.context_length), *extra]
+
+
+def start(opts: StackOptions) -> Stack:
+    stack = Stack(router="")
+    try:
+        url = opts.redis_url or _private_redis(stack)
+        for role, model in (("small", opts.small), ("large", opts.large)):
+            svc = procs.start(f"{role}-worker", _worker_args(role, model, opts), timeout=300, echo=opts.echo)
+            stack._services.append(svc)
+            stack.workers[role] = svc.address
+            stack.models[role] = model
+            mport = svc.ready_fields.get("metrics_port")
+            if mport and mport not in ("0", "-1"):
+                stack.metrics[role] = f"http://127.0.0.1:{mport}/metrics"
+        router = procs.start(
+            "router",
+            ["services.router", "--port", "0", "--small", stack.workers["small"], "--large", stack.workers["large"],
+             "--redis-url", url, "--key-prefix", f"eval-{uuid.uuid4().hex[:8]}:", "--request-timeout-s", "3600"],
+            timeout=120, echo=opts.echo,
+        )
+        stack._services.append(router)
+        stack.router = router.address
+        return stack
+    except BaseException:
+        stack.close()
+        raise
+
+
+# ---- worker counters -------------------------------------------------------------------
+def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """A worker's Prometheus samples: (metric name, sorted labels) -> value."""
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        text = resp.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name_labels, _, value = line.rpartition(" ")
+        name, _, labels = name_labels.partition("{")
+        pairs = []
+        for item in labels.rstrip("}").split(","):
+            if "=" in item:
+                k, _, v = item.partition("=")
+                pairs.append((k.strip(), v.strip().strip('"')))
+        try:
+            out[(name, tuple(sorted(pairs)))] = float(value)
+        except ValueError:
+            continue
+    return out
+
+
+def usage_delta(before: dict, after: dict) -> dict[str, float]:
+    """What one worker did between two scrapes: prompt tokens prefilled and reused,
+    tokens generated, and seconds spent per call method."""
+    def total(name: str, **match: str) -> float:
+        s = 0.0
+        for (n, labels), v in after.items():
+            if n == name and all(dict(labels).get(k) == val for k, val in match.items()):
+                s += v - before.get((n, labels), 0.0)
+        return s
+
+    out = {
+        "prefilled": total("glimprouter_worker_prompt_tokens_total", kind="prefilled"),
+        "cached": total("glimprouter_worker_prompt_tokens_total", kind="cached"),
+        "generated": total("glimprouter_worker_generated_tokens_total"),
+    }
+    for method in ("Glimpse", "Step", "Generate", "GenerateStream", "Tokenize", "RenderPrompt"):
+        out[f"{method}_s"] = total("glimprouter_worker_request_duration_seconds_sum", method=method)
+        out[f"{method}_calls"] = total("glimprouter_worker_request_duration_seconds_count", method=method)
+    return out
