@@ -11,13 +11,15 @@ STAMP := $(VENV)/.installed
 export GLIMPROUTER_MODELS_DIR ?= $(CURDIR)/models
 PYTEST_ARGS ?=
 
-.PHONY: setup proto proto-check models models-test run test bench bench-worker bench-router clean help
+.PHONY: setup proto proto-check models models-test run test bench bench-worker bench-router bench-e2e eval soak clean help
 
 help:
 	@echo "make run     bring the whole system up on the embedded default (llama.cpp, CPU)"
 	@echo "make test    install what the tests need and run them"
 	@echo "make models  fetch the default model pair; make proto  regenerate gRPC stubs"
-	@echo "make bench   run the benchmarks"
+	@echo "make bench   run the benchmarks (writes docs/benchmarks.md)"
+	@echo "make eval    accuracy against latency on the sample set (EVAL_ARGS=...)"
+	@echo "make soak    hundreds of sessions for minutes on sim workers (writes docs/benchmarks.md)"
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -59,7 +61,28 @@ bench-worker: $(STAMP) models-test models
 bench-router: $(STAMP)
 	$(PY) -m benchmarks.router_bench
 
-bench: bench-worker bench-router
+# GlimpRouter end to end on the default pair: glimpse against large-only (latency,
+# accuracy on the sample set), measured against the ideal, fused against separate
+# glimpses, prefill with and without KV reuse, and the step-level AUROC (~15 min).
+bench-e2e: $(STAMP) models
+	$(PY) -m benchmarks.e2e_bench
+
+# Every benchmark, each rewriting its own section of docs/benchmarks.md (~30 min on
+# 2 cores).
+bench: bench-worker bench-router bench-e2e
+
+# Hundreds of concurrent sessions for minutes through a real router and Redis on sim
+# workers: errors, overhead, memory, stored prefixes (~4 min; not part of `make test`).
+# SOAK_ARGS passes options, e.g. make soak SOAK_ARGS="--concurrency 512 --duration-s 600".
+SOAK_ARGS ?=
+soak: $(STAMP)
+	$(PY) -m benchmarks.soak $(SOAK_ARGS)
+
+# The accuracy/latency evaluation on the sample set (see docs/evaluation.md);
+# EVAL_ARGS passes options, e.g. make eval EVAL_ARGS="--limit 10".
+EVAL_ARGS ?=
+eval: $(STAMP) models
+	$(PY) -m evaluation $(EVAL_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

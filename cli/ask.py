@@ -90,7 +90,7 @@ class Printer:
 async def ask(question: str, s: AskSettings, out: TextIO = sys.stdout, style: Style | None = None) -> AskResult:
     """Stream one question; returns the session id. Raises grpc.RpcError on failure."""
     style = style or Style.for_stream(out, s.color)
-    client = RouterClient(s.router)
+    client = s.router_client()
     printer = Printer(out, style)
     call = client.reason_stream(build_request(question, s), timeout=s.timeout_s)
     session_id, done = s.session, None

@@ -18,6 +18,18 @@ DEMO_QUESTION = (
 class RouterTarget:
     router: str = setting("127.0.0.1:50051", "router gRPC endpoint host:port")
     color: str = setting("auto", "colour output", choices=["auto", "always", "never"])
+    # The same names as the gateway's, so one set of GLIMPROUTER_ROUTER_TLS_* serves both.
+    router_tls_ca: str = setting("", "PEM CA bundle that signed the router's certificate (turns TLS on)")
+    router_tls_cert: str = setting("", "PEM client certificate for a router that requires one (mutual TLS)")
+    router_tls_key: str = setting("", "PEM private key of --router-tls-cert")
+    router_tls_server_name: str = setting("", "name the router's certificate carries, when it is not the host dialled")
+
+    def router_client(self):
+        from gateway.router_client import RouterClient
+        from services.common.tls import ClientTLS
+
+        tls = ClientTLS(self.router_tls_ca, self.router_tls_cert, self.router_tls_key, self.router_tls_server_name)
+        return RouterClient(self.router, tls=tls)
 
 
 @dataclass

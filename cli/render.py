@@ -98,9 +98,20 @@ def session_table(info: SessionInfo, style: Style) -> str:
     large = sum(1 for st in info.steps if st.role == "large")
     out += ["", f"{n} steps: {n - large} small, {large} large · intervention rate {large / n if n else 0:.0%}"
             f" · last turn: {s.thinking_tokens} step tokens + {s.answer_tokens} answer tokens"]
+    out.append(trace_line(info.trace_ids))
     if info.answer:
         out += ["", style("answer", "bold"), info.answer]
     return "\n".join(out)
+
+
+def trace_line(trace_ids: list[str]) -> str:
+    """The session's OpenTelemetry trace ids, to paste into Jaeger's search by trace id."""
+    if not trace_ids:
+        return "trace: none recorded (tracing is off unless OTEL_EXPORTER_OTLP_ENDPOINT is set; see docs/observability.md)"
+    line = f"trace {trace_ids[-1]}"
+    if len(trace_ids) > 1:
+        line += f"  (latest request; earlier: {' '.join(reversed(trace_ids[:-1]))})"
+    return line
 
 
 def stdout_style(mode: str = "auto") -> Style:

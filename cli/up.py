@@ -46,6 +46,7 @@ class Stack:
         self.redis_url = s.redis_url
         self.gateway_url = ""
         self.router_address = ""
+        self.metrics_urls: list[str] = []  # the router's and workers' Prometheus endpoints
 
     def say(self, text: str = "") -> None:
         self.out.write(text + "\n")
@@ -89,6 +90,10 @@ class Stack:
             env={"GLIMPROUTER_REDIS_URL": self.redis_url},
         )
         self.router_address = router.address
+        for svc in (router, *workers):
+            port = svc.ready_fields.get("metrics_port", "-1")
+            if port.isdigit():
+                self.metrics_urls.append(f"http://{s.host}:{port}/metrics")
         gateway = self._start("gateway", ["gateway", "--host", s.host, "--port", str(s.gateway_port),
                                           "--router", router.address])
         self.gateway_url = f"http://{gateway.address}"
@@ -126,6 +131,11 @@ class Stack:
         self.say(f"  OpenAI-compatible API  {self.gateway_url}/v1   (docs/gateway.md)")
         self.say(f"  router (gRPC)          {self.router_address}")
         self.say(f"  health                 {self.gateway_url}/readyz   metrics {self.gateway_url}/metrics")
+        if self.metrics_urls:
+            self.say(f"  metrics (router, workers) {'  '.join(self.metrics_urls)}")
+        otlp = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+        self.say(f"  traces                 {'OTLP to ' + otlp if otlp else 'off (set OTEL_EXPORTER_OTLP_ENDPOINT)'}"
+                 "   (docs/observability.md)")
         where = "private, stopped with the stack" if self.redis else "already running, left running"
         self.say(f"  redis                  {redis_local.safe_url(self.redis_url)} ({where})")
         self.say(st("Try:", "bold"))

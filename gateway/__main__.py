@@ -43,12 +43,20 @@ async def _serve(s: GatewaySettings) -> None:
     except OSError as exc:
         raise SystemExit(f"glimprouter-gateway: cannot listen on {s.host}:{s.port}: {exc.strerror}") from None
     port = sock.getsockname()[1]
+    if bool(s.tls_cert) != bool(s.tls_key):
+        raise SystemExit("glimprouter-gateway: --tls-cert and --tls-key go together")
+    if s.tls_cert:
+        log.info("serving HTTPS on %s:%d", s.host, port)
+    else:
+        log.warning("serving PLAINTEXT HTTP on %s:%d: no --tls-cert configured (terminate TLS in front of it)", s.host, port)
     config = uvicorn.Config(
         create_app(s),
         log_level=s.log_level,
         access_log=False,  # the metrics count requests; access lines would only repeat them
         timeout_graceful_shutdown=s.shutdown_grace_s,
         lifespan="on",
+        ssl_certfile=s.tls_cert or None,
+        ssl_keyfile=s.tls_key or None,
     )
     server = _Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
@@ -64,7 +72,13 @@ def main(argv: list[str] | None = None) -> int:
     s = settings_mod.load(GatewaySettings, argv, prog="glimprouter-gateway", description=__doc__)
     logging.basicConfig(level=s.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log.info("starting with %s", settings_mod.describe(s))
-    asyncio.run(_serve(s))
+    from services.common import telemetry
+
+    telemetry.setup("glimprouter-gateway")  # before the router channel exists: it instruments gRPC channels
+    try:
+        asyncio.run(_serve(s))
+    finally:
+        telemetry.shutdown()  # the last requests' spans
     return 0
 
 

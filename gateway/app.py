@@ -30,6 +30,9 @@ from gateway.events import Event, Started
 from gateway.metrics import Metrics
 from gateway.router_client import RouterClient
 from gateway.sessions import session_json
+from gateway.tracing import TracingMiddleware
+from services.common import owner as owners
+from services.common import tls
 
 log = logging.getLogger("glimprouter.gateway")
 
@@ -49,14 +52,17 @@ class Gateway:
         self.in_flight = 0
         self.created = int(time.time())
 
-    def authorize(self, request: Request) -> None:
+    def authorize(self, request: Request) -> str:
+        """Checks the API key; returns the caller's owner id for the router ("" without keys):
+        sessions belong to the key that created them."""
         if not self.keys.enabled:
-            return
+            return ""
         token = bearer_token(request.headers.get("authorization"))
         if token is None:
             raise APIError(401, "missing API key: send 'Authorization: Bearer <key>'", None, "invalid_api_key")
         if not self.keys.check(token):
             raise APIError(401, "incorrect API key provided", None, "invalid_api_key")
+        return owners.owner_id(token)
 
 
 def _gw(request: Request) -> Gateway:
@@ -121,7 +127,7 @@ class _Call:
 async def chat_completions(request: Request) -> Response:
     gw = _gw(request)
     s = gw.settings
-    gw.authorize(request)
+    owner = gw.authorize(request)
     body = await read_json(request, s.max_body_bytes)
     session_id = request.headers.get(SESSION_HEADER, "").strip()
     req = parse_chat_request(body, model_name=s.model_name, session_id=session_id)
@@ -129,7 +135,7 @@ async def chat_completions(request: Request) -> Response:
         raise APIError(429, f"the gateway is serving {gw.in_flight} requests, its limit; retry later", None, "rate_limit_exceeded")
     gw.in_flight += 1
     gw.metrics.in_flight.inc()
-    bound = _Call(gw, request, gw.router.reason_stream(req, timeout=s.request_timeout_s))
+    bound = _Call(gw, request, gw.router.reason_stream(req, timeout=s.request_timeout_s, owner=owner))
     builder = CompletionBuilder(f"chatcmpl-{uuid.uuid4().hex}", s.model_name, include_usage=req.include_usage)
     events = RouterClient.events(bound.call)
     handed_off = False
@@ -207,9 +213,11 @@ def _model(gw: Gateway) -> dict:
 
 async def get_session(request: Request) -> Response:
     gw = _gw(request)
-    gw.authorize(request)
+    owner = gw.authorize(request)
     try:
-        info = await gw.router.get_session(request.path_params["session_id"], timeout=gw.settings.ready_timeout_s * 5)
+        info = await gw.router.get_session(
+            request.path_params["session_id"], timeout=gw.settings.ready_timeout_s * 5, owner=owner
+        )
     except grpc.RpcError as exc:
         raise from_rpc_error(exc) from None
     return JSONResponse(session_json(info))
@@ -217,9 +225,9 @@ async def get_session(request: Request) -> Response:
 
 async def cancel_session(request: Request) -> Response:
     gw = _gw(request)
-    gw.authorize(request)
+    owner = gw.authorize(request)
     try:
-        cancelled, status = await gw.router.cancel_session(request.path_params["session_id"])
+        cancelled, status = await gw.router.cancel_session(request.path_params["session_id"], owner=owner)
     except grpc.RpcError as exc:
         raise from_rpc_error(exc) from None
     return JSONResponse({"id": request.path_params["session_id"], "cancelled": cancelled, "status": status})
@@ -311,7 +319,11 @@ def create_app(settings: GatewaySettings, router: RouterClient | None = None) ->
         # The gRPC channel belongs to the serving event loop: made here, closed here.
         own = gateway.router is None
         if own:
-            gateway.router = RouterClient(settings.router, settings.max_message_bytes)
+            client_tls = tls.ClientTLS(
+                settings.router_tls_ca, settings.router_tls_cert, settings.router_tls_key, settings.router_tls_server_name
+            )
+            log.log(logging.INFO if client_tls.enabled else logging.WARNING, "%s", tls.describe_client(client_tls, "the router"))
+            gateway.router = RouterClient(settings.router, settings.max_message_bytes, tls=client_tls)
         yield
         if own:
             await gateway.router.close()
@@ -332,4 +344,5 @@ def create_app(settings: GatewaySettings, router: RouterClient | None = None) ->
     )
     app.state.gateway = gateway
     app.add_middleware(MetricsMiddleware, gateway=gateway)
+    app.add_middleware(TracingMiddleware, route_label=route_label)  # outermost: its span covers the whole response
     return app

@@ -124,7 +124,7 @@ def _messages(body: dict, continuing: bool) -> list[tuple[str, str]]:
         if not isinstance(msg, dict):
             raise bad_request(f"messages[{i}] must be an object", f"messages[{i}]", "invalid_type")
         role = msg.get("role")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:  # a list or object is not hashable: check the type first
             raise bad_request(
                 f"messages[{i}].role must be one of {', '.join(ROLES)}, got {role!r}", f"messages[{i}].role"
             )
@@ -192,9 +192,32 @@ def _budgets(body: dict) -> dict[str, int]:
     return out
 
 
+def _first_unencodable(value: Any, path: str) -> str | None:
+    """Where a string that is not valid Unicode sits (JSON's "\\ud800" escapes decode
+    to lone surrogates, which no UTF-8 encoder, protobuf's included, accepts)."""
+    stack = [(value, path)]
+    while stack:
+        v, p = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return p or "body"
+        elif isinstance(v, dict):
+            for k, item in v.items():
+                stack.append((k, p or "body"))
+                stack.append((item, f"{p}.{k}" if p else str(k)))
+        elif isinstance(v, list):
+            stack.extend((item, f"{p}[{i}]") for i, item in enumerate(v))
+    return None
+
+
 def parse_chat_request(body: Any, *, model_name: str, session_id: str = "") -> ChatRequest:
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object", None, "invalid_type")
+    bad = _first_unencodable(body, "")
+    if bad is not None:
+        raise bad_request(f"'{bad}' holds a string that is not valid Unicode (a lone surrogate escape)", bad)
     model = _str(body, "model") or model_name
     if model != model_name:
         raise APIError(404, f"the model {model!r} does not exist; this gateway serves {model_name!r}", "model", "model_not_found")

@@ -22,3 +22,10 @@ class GatewaySettings:
     max_message_bytes: int = setting(16 * 1024 * 1024, "largest gRPC message from the router")
     log_level: str = setting("info", "log level", choices=["debug", "info", "warning", "error"])
     shutdown_grace_s: float = setting(10.0, "seconds open responses get to finish on SIGTERM before they are cut")
+    # TLS (services/common/tls.py): HTTPS for clients, and TLS/mTLS to the router.
+    tls_cert: str = setting("", "PEM certificate (chain) for HTTPS; with --tls-key the gateway serves https:// only")
+    tls_key: str = setting("", "PEM private key of --tls-cert")
+    router_tls_ca: str = setting("", "PEM CA bundle that signed the router's certificate; turns TLS on for calls to the router")
+    router_tls_cert: str = setting("", "PEM client certificate the gateway presents to the router (mutual TLS)")
+    router_tls_key: str = setting("", "PEM private key of --router-tls-cert")
+    router_tls_server_name: str = setting("", "name the router's certificate carries, when it is not the host dialled")

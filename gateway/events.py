@@ -122,3 +122,4 @@ class SessionInfo:
     created_unix_ms: int = 0
     updated_unix_ms: int = 0
     error: str = ""
+    trace_ids: list[str] = field(default_factory=list)  # OpenTelemetry traces of its requests, oldest first

@@ -1,7 +1,9 @@
 """Prometheus metrics of the gateway (a private registry, served at /metrics).
 
-A few basics: requests by route and status, latency, requests in flight, steps
-by the model that wrote them, tokens. The observability issue adds more.
+Requests by route and status, latency, requests in flight, steps by the model
+that wrote them, tokens. Routing decisions, entropy, per-step and per-worker
+numbers are the router's metrics (services/router/observe.py); the gateway's
+traces are in gateway/tracing.py. See docs/observability.md.
 """
 from __future__ import annotations
 

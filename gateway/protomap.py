@@ -131,4 +131,5 @@ def session(s: pb.Session) -> SessionInfo:
         created_unix_ms=s.created_unix_ms,
         updated_unix_ms=s.updated_unix_ms,
         error=s.error,
+        trace_ids=list(s.trace_ids),
     )

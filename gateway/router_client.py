@@ -10,16 +10,19 @@ from glimprouter.v1 import router_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway import protomap
+from services.common import owner as owners
+from services.common.tls import ClientTLS, aio_channel
 from gateway.chat import ChatRequest
 from gateway.events import Event, SessionInfo
 
 
 class RouterClient:
-    def __init__(self, target: str, max_message_bytes: int = 16 * 1024 * 1024) -> None:
+    def __init__(self, target: str, max_message_bytes: int = 16 * 1024 * 1024, tls: ClientTLS | None = None) -> None:
         self.target = target
-        self.channel = grpc.aio.insecure_channel(
+        self.channel = aio_channel(
             target,
-            options=[
+            tls or ClientTLS(),
+            [
                 ("grpc.max_receive_message_length", max_message_bytes),
                 ("grpc.max_send_message_length", max_message_bytes),
                 # A router restart should not leave the gateway backing off for long.
@@ -30,9 +33,10 @@ class RouterClient:
         self.stub = router_pb2_grpc.RouterStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
 
-    def reason_stream(self, req: ChatRequest, timeout: float | None = None) -> grpc.aio.UnaryStreamCall:
-        """The call itself, so the caller can cancel it (client gone, Ctrl-C)."""
-        return self.stub.ReasonStream(protomap.reason_request(req), timeout=timeout)
+    def reason_stream(self, req: ChatRequest, timeout: float | None = None, owner: str = "") -> grpc.aio.UnaryStreamCall:
+        """The call itself, so the caller can cancel it (client gone, Ctrl-C). `owner`: the
+        caller's owner id (services/common/owner.py), which the router stores and checks."""
+        return self.stub.ReasonStream(protomap.reason_request(req), timeout=timeout, metadata=_owner_md(owner))
 
     @staticmethod
     async def events(call: grpc.aio.UnaryStreamCall) -> AsyncIterator[Event]:
@@ -41,11 +45,13 @@ class RouterClient:
             if ev is not None:
                 yield ev
 
-    async def get_session(self, session_id: str, timeout: float = 10.0) -> SessionInfo:
-        return protomap.session(await self.stub.GetSession(pb.GetSessionRequest(session_id=session_id), timeout=timeout))
+    async def get_session(self, session_id: str, timeout: float = 10.0, owner: str = "") -> SessionInfo:
+        req = pb.GetSessionRequest(session_id=session_id)
+        return protomap.session(await self.stub.GetSession(req, timeout=timeout, metadata=_owner_md(owner)))
 
-    async def cancel_session(self, session_id: str, timeout: float = 10.0) -> tuple[bool, str]:
-        r = await self.stub.CancelSession(pb.CancelSessionRequest(session_id=session_id), timeout=timeout)
+    async def cancel_session(self, session_id: str, timeout: float = 10.0, owner: str = "") -> tuple[bool, str]:
+        req = pb.CancelSessionRequest(session_id=session_id)
+        r = await self.stub.CancelSession(req, timeout=timeout, metadata=_owner_md(owner))
         return r.cancelled, r.status
 
     async def ready(self, timeout: float = 2.0) -> tuple[bool, str]:
@@ -62,3 +68,7 @@ class RouterClient:
 
     async def close(self) -> None:
         await self.channel.close()
+
+
+def _owner_md(owner: str) -> tuple[tuple[str, str], ...] | None:
+    return ((owners.METADATA_KEY, owner),) if owner else None

@@ -31,4 +31,5 @@ def session_json(info: SessionInfo) -> dict:
         "steps": steps,
         "created_unix_ms": info.created_unix_ms,
         "updated_unix_ms": info.updated_unix_ms,
+        "trace_ids": list(info.trace_ids),
     }

@@ -10,6 +10,7 @@ from services.common.settings import setting
 class RouterSettings:
     host: str = setting("127.0.0.1", "address to listen on")
     port: int = setting(50051, "gRPC port (0 = pick a free one and print it)")
+    metrics_port: int = setting(0, "Prometheus metrics HTTP port (0 = a free one, announced at start; -1 = off)")
     small: tuple[str, ...] = setting(("127.0.0.1:50061",), "small-model worker endpoints, comma-separated host:port")
     large: tuple[str, ...] = setting(("127.0.0.1:50062",), "large-model worker endpoints, comma-separated host:port")
     # TLS (rediss://) and AUTH (redis://user:password@host) come with the URL.
@@ -30,3 +31,15 @@ class RouterSettings:
     max_message_bytes: int = setting(16 * 1024 * 1024, "largest gRPC message")
     shutdown_grace_s: float = setting(10.0, "seconds to finish in-flight calls on SIGTERM")
     router_id: str = setting("", "name written as the lease holder (default host:pid)")
+    redis_timeout_s: float = setting(5.0, "seconds a Redis command or connect may take before the request fails UNAVAILABLE")
+    redis_tls_ca: str = setting("", "PEM CA bundle that signed Redis's certificate (rediss:// URLs; default: the system roots)")
+    redis_tls_cert: str = setting("", "PEM client certificate for a Redis that requires one (rediss:// URLs)")
+    redis_tls_key: str = setting("", "PEM private key of --redis-tls-cert")
+    # TLS (services/common/tls.py): plaintext unless certificates are configured.
+    tls_cert: str = setting("", "PEM certificate (chain) the router serves gRPC with; with --tls-key turns TLS on")
+    tls_key: str = setting("", "PEM private key of --tls-cert")
+    tls_client_ca: str = setting("", "PEM CA bundle: when set, callers (gateway, CLI) must present a client certificate it signed")
+    worker_tls_ca: str = setting("", "PEM CA bundle that signed the workers' certificates; turns TLS on for calls to workers")
+    worker_tls_cert: str = setting("", "PEM client certificate the router presents to workers (mutual TLS)")
+    worker_tls_key: str = setting("", "PEM private key of --worker-tls-cert")
+    worker_tls_server_name: str = setting("", "name the workers' certificates carry, when it is not the host dialled")

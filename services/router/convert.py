@@ -9,6 +9,7 @@ from services.router.types import (
     AnswerBy,
     Budgets,
     ChatTurn,
+    InvalidArgument,
     ReasonRequest,
     Record,
     RoleStats,
@@ -66,11 +67,14 @@ def reason_request(r: pb.ReasonRequest) -> ReasonRequest:
     messages = [ChatTurn(m.role, m.content) for m in r.messages]
     if r.prompt:
         messages.append(ChatTurn("user", r.prompt))
+    if r.answer_by not in _ANSWER_BY:
+        # An enum value newer than this router (or garbage): refused, never read as "auto".
+        raise InvalidArgument(f"answer_by: unknown value {r.answer_by} (use ANSWER_BY_LARGE, _SMALL or _NONE)")
     options = SessionOptions(
         routing=routing,
         budgets=budgets,
         sampling=sampling,
-        answer_by=_ANSWER_BY.get(r.answer_by, AnswerBy.AUTO),
+        answer_by=_ANSWER_BY[r.answer_by],
         think=r.think if r.HasField("think") else None,
     )
     return ReasonRequest(r.session_id, messages, options, frozenset(given), r.include_token_ids)
@@ -143,6 +147,7 @@ def session(v: SessionView, include_prefix: bool) -> pb.Session:
         created_unix_ms=int(meta.get("created_ms", "0")),
         updated_unix_ms=int(meta.get("updated_ms", "0")),
         error=meta.get("error", ""),
+        trace_ids=meta.get("trace_ids", "").split(),
     )
     for name, ids in sorted(v.stored.prefixes.items()):
         out.prefixes.append(pb.PrefixView(name=name, length=len(ids), token_ids=ids if include_prefix else []))

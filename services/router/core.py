@@ -14,10 +14,14 @@ import logging
 import math
 import random
 import re
-import uuid
+import secrets
+import time
 from dataclasses import dataclass
 from typing import AsyncIterator, Protocol
 
+from redis.exceptions import RedisError
+
+from services.router import observe
 from services.router.config import RouterSettings
 from services.router.loop import TEXT_MODE, TOKEN_MODE, StepLoop, TurnState, turn_stats, views_for
 from services.router.policies import make_policy
@@ -25,6 +29,7 @@ from services.router.store import SessionStore, StoredSession, default_holder
 from services.router.types import (
     ChatTurn,
     FailedPrecondition,
+    Finished,
     InvalidArgument,
     Kind,
     LeaseLost,
@@ -36,8 +41,11 @@ from services.router.types import (
     RouterError,
     SessionCancelled,
     SessionOptions,
+    ShuttingDown,
     Started,
     Stats,
+    StepDone,
+    StoreUnavailable,
 )
 from services.router.worker_client import WorkerClient
 from services.worker.types import ChatMessage, ModelInfo
@@ -107,10 +115,34 @@ class RouterCore:
         self.holder = settings.router_id or default_holder()
         self._active: dict[str, asyncio.Task] = {}
         self._stop_reason: dict[str, RouterError] = {}
+        self.draining = False
 
     # ---- Reason --------------------------------------------------------------------
     async def reason(self, req: ReasonRequest) -> AsyncIterator[object]:
+        """The session's events, inside the call's session span (observe.py)."""
+        with observe.session_span(req) as obs:
+            async with contextlib.aclosing(self._reason(req)) as events:
+                async for event in events:
+                    if isinstance(event, Started):
+                        obs.started(event)
+                        await self._note_trace(event.session_id)
+                    elif isinstance(event, Finished):
+                        obs.finished(event.stats, event.answer)
+                    yield event
+
+    async def _note_trace(self, sid: str) -> None:
+        trace_id = observe.current_trace_id()
+        if not trace_id:
+            return
+        try:
+            await self.store.add_trace(sid, trace_id)
+        except RedisError as exc:  # only a pointer for people; the step writes will meet Redis's state anyway
+            log.warning("session %s: could not note trace %s (%s)", sid, trace_id, exc)
+
+    async def _reason(self, req: ReasonRequest) -> AsyncIterator[object]:
         validate(req, self.settings)
+        if self.draining:
+            raise ShuttingDown(f"router {self.holder} is shutting down; retry on another replica")
         if len(self._active) >= self.settings.max_concurrent:
             raise LimitExceeded(
                 f"this router is working on {len(self._active)} sessions (limit {self.settings.max_concurrent},"
@@ -126,7 +158,9 @@ class RouterCore:
         task = asyncio.current_task()
         assert task is not None
         self._active[sid] = task
-        renewer = asyncio.create_task(self._renew(sid, token, task))
+        # Renewals every second would bury a session's trace: they run untraced.
+        renewer = asyncio.create_task(self._renew(sid, token, task), context=observe.untraced_context())
+        store_down = False
         try:
             small, large = (self.pools[r].bind(sid, affinity) for r in (Role.SMALL, Role.LARGE))
             yield Started(sid, state.turn, state.mode, state.resumed_steps, small.info.model_id, large.info.model_id)
@@ -140,14 +174,25 @@ class RouterCore:
                 include_token_ids=req.include_token_ids,
                 max_session_steps=self.settings.max_session_steps,
             )
-            async for event in loop.run():
-                yield event
+            async with contextlib.aclosing(loop.run()) as events:
+                async for event in events:
+                    yield event
+                    if self.draining and isinstance(event, StepDone):
+                        # SIGTERM: the step is stored and reported; stop here and hand the
+                        # session back at once (lease released) rather than at the grace's end.
+                        raise ShuttingDown(
+                            f"router {self.holder} is shutting down: session {sid!r} stopped after step"
+                            f" {event.record.index}; send its id again to resume it on another replica"
+                        )
         except asyncio.CancelledError:
             reason = self._stop_reason.pop(sid, None)
             if reason is None:  # the caller went away: the turn can be resumed later
                 await self._mark(sid, token, "interrupted", "the client cancelled the request")
                 raise
             task.uncancel()
+            if isinstance(reason, StoreUnavailable):
+                store_down = True  # nothing to mark or release with: Redis is away
+                raise reason from None
             await self._mark(sid, token, "cancelled" if isinstance(reason, SessionCancelled) else "interrupted", str(reason))
             raise reason from None
         except SessionCancelled as exc:
@@ -155,6 +200,11 @@ class RouterCore:
             raise
         except LeaseLost:
             raise  # someone else owns the session now: write nothing
+        except RedisError as exc:
+            # Redis is away: marking and releasing would only wait for it too. The
+            # lease expires by itself; the session resumes from its last stored step.
+            store_down = True
+            raise StoreUnavailable(f"session store unavailable: {exc}; session {sid!r} resumes once it is back") from None
         except BaseException as exc:
             await self._mark(sid, token, "interrupted", str(exc) or type(exc).__name__)
             raise
@@ -162,8 +212,9 @@ class RouterCore:
             renewer.cancel()
             self._active.pop(sid, None)
             self._stop_reason.pop(sid, None)
-            with contextlib.suppress(Exception):
-                await asyncio.shield(self.store.release(sid, token))
+            if not store_down:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self.store.release(sid, token))
 
     async def _renew(self, sid: str, token: str, task: asyncio.Task) -> None:
         """Keep the lease while working; stop the work when it is lost or cancelled."""
@@ -179,13 +230,18 @@ class RouterCore:
                 log.warning("session %s: lease renewal failed (%s)", sid, exc)
                 if failures * self.settings.lease_renew_ms < self.settings.lease_ms / 2:
                     continue
-                rc = 0
+                # Stop before the lease can expire under us: another router may take over.
+                self._stop_reason[sid] = StoreUnavailable(
+                    f"session store unavailable: the lease of session {sid!r} could not be renewed ({exc})"
+                )
+                task.cancel()
+                return
             if rc == 1:
                 continue
             self._stop_reason[sid] = (
                 SessionCancelled(f"session {sid!r} was cancelled")
                 if rc == 2
-                else LeaseLost(f"session {sid!r}: this router lost its lease (Redis unreachable or the lease expired)")
+                else LeaseLost(f"session {sid!r}: this router lost its lease (it expired or was taken over)")
             )
             task.cancel()
             return
@@ -212,11 +268,35 @@ class RouterCore:
             raise InvalidArgument(
                 f"the {what} has {len(ids)} tokens; the limit is {self.settings.max_prompt_tokens} (--max-prompt-tokens)"
             )
+        # Refused here, before anything is stored, rather than by the worker's first step.
+        context = min(p.info.context_length for p in self.pools.values())
+        if len(ids) >= context:
+            raise InvalidArgument(
+                f"the {what} has {len(ids)} tokens; the models' context holds {context} and a step needs room to be written"
+            )
+
+    async def _check_owner(self, session_id: str, owner: str) -> None:
+        """NOT_FOUND, with the same words as for an unknown id, unless `owner` created the session."""
+        stored_owner = await self.store.owner(session_id)
+        if stored_owner is None or stored_owner != owner:
+            raise NotFound(
+                f"session {session_id!r} not found (it never existed, or expired {self.settings.session_ttl_s}s after its last write)"
+            )
+
+    async def drain(self, timeout_s: float) -> int:
+        """SIGTERM: refuse new requests; sessions in flight stop after their current step
+        (stored) and release their leases. Returns how many were still running at the end."""
+        self.draining = True
+        end = time.monotonic() + timeout_s
+        while self._active and time.monotonic() < end:
+            await asyncio.sleep(0.05)
+        return len(self._active)
 
     async def _create(self, req: ReasonRequest, token: str, affinity: dict[str, str]):
         if not req.messages:
             raise InvalidArgument("messages is empty: send at least one message (or a prompt) to start a session")
-        sid = uuid.uuid4().hex
+        # 128 bits from the OS's CSPRNG: ids cannot be guessed (ownership is checked too).
+        sid = secrets.token_hex(16)
         options = dataclasses.replace(req.options)
         if options.sampling.seed is None:
             # Chosen once and stored: a resumed session samples as the first router would have.
@@ -248,6 +328,7 @@ class RouterCore:
             "steps": "0",
             "small_model": self.pools[Role.SMALL].info.model_id,
             "large_model": self.pools[Role.LARGE].info.model_id,
+            "owner": req.owner,
             **{f"aff:{k}": v for k, v in affinity.items()},
         }
         await self.store.create(sid, token, record, tokens, meta)
@@ -259,6 +340,8 @@ class RouterCore:
 
     async def _open(self, req: ReasonRequest, token: str, affinity: dict[str, str]):
         sid = req.session_id
+        # Before the lease: another owner must not even learn that the session is busy.
+        await self._check_owner(sid, req.owner)
         await self.store.acquire(sid, token)
         try:
             stored = await self.store.load(sid)
@@ -371,19 +454,22 @@ class RouterCore:
         return ids, tail
 
     # ---- GetSession / CancelSession ------------------------------------------------------
-    async def get_session(self, session_id: str, include_prefix: bool = False) -> SessionView:
+    async def get_session(self, session_id: str, include_prefix: bool = False, owner: str = "") -> SessionView:
         if not _SESSION_ID.match(session_id or ""):
             raise InvalidArgument("session_id must be 1-128 characters of letters, digits, '_', '.', ':' or '-'")
         stored = await self.store.load(session_id, with_prefixes=True)
-        if stored is None:
+        if stored is None or stored.meta.get("owner", "") != owner:
             raise NotFound(f"session {session_id!r} not found (it never existed, or expired)")
         state = self._state(stored)
         answer_end = state.answer_record.finish_reason if state.answer_record else "none"
         return SessionView(stored, SessionOptions.from_json(stored.meta["options"]), state.session_steps, turn_stats(state, answer_end, 0.0))
 
-    async def cancel(self, session_id: str) -> tuple[bool, str]:
+    async def cancel(self, session_id: str, owner: str = "") -> tuple[bool, str]:
         if not _SESSION_ID.match(session_id or ""):
             raise InvalidArgument("session_id must be 1-128 characters of letters, digits, '_', '.', ':' or '-'")
+        stored_owner = await self.store.owner(session_id)
+        if stored_owner is not None and stored_owner != owner:
+            raise NotFound(f"session {session_id!r} not found (it never existed, or expired)")
         rc = await self.store.request_cancel(session_id)
         if rc == 0:
             raise NotFound(f"session {session_id!r} not found (it never existed, or expired)")

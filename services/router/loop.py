@@ -13,11 +13,13 @@ prompt plus its own tokenization of every step's text.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Protocol
 
+from services.router import observe
 from services.router.policies import Policy, StepOutcome
 from services.router.types import (
     STEP_BOUNDARY,
@@ -221,6 +223,7 @@ class StepLoop:
     # ---- the turn ------------------------------------------------------------------
     async def run(self) -> AsyncIterator[object]:
         started = time.perf_counter()
+        observe.turn_started(self.options, self.policy)
         st = self.state
         answer_role = answer_writer(self.options, st.think)
         while not st.thinking_end:
@@ -266,6 +269,15 @@ class StepLoop:
         return ""
 
     async def _one_step(self) -> StepDone:
+        """`_write_step` inside its span: the worker calls it makes and its Redis write are children."""
+        st = self.state
+        index = len(st.session_steps)
+        with observe.step_span(self.policy, self.options, st.session_id, st.turn, index, self.small.info.model_id) as obs:
+            done = await self._write_step()
+            obs.done(done.record)
+            return done
+
+    async def _write_step(self) -> StepDone:
         st, b = self.state, self.options.budgets
         t0 = time.perf_counter()
         used = sum(r.tokens for r in st.turn_steps)
@@ -305,6 +317,16 @@ class StepLoop:
         return StepDone(shown, list(gen.token_ids) if self.include_token_ids else None)
 
     async def _answer(self, role: Role) -> AsyncIterator[object]:
+        """`_write_answer` inside its span; times the first answer text."""
+        with observe.answer_span(role.value, self.worker(role).info.model_id, self.state.session_id) as obs:
+            async with contextlib.aclosing(self._write_answer(role)) as events:
+                async for event in events:
+                    if isinstance(event, AnswerDelta):
+                        obs.text(event.text)
+                    yield event
+            obs.done(self.state.answer_record)
+
+    async def _write_answer(self, role: Role) -> AsyncIterator[object]:
         st = self.state
         t0 = time.perf_counter()
         entries: list[tuple[Record, dict[str, list[int]]]] = []

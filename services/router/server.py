@@ -13,15 +13,18 @@ import signal
 import time
 
 import grpc
+from redis.exceptions import RedisError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from glimprouter.v1 import router_pb2 as pb
 from glimprouter.v1 import router_pb2_grpc as pb_grpc
-from services.router import convert
+from services.common import grpc_input, telemetry, tls
+from services.common import owner as owners
+from services.router import convert, observe
 from services.router.config import RouterSettings
 from services.router.core import RouterCore
-from services.router.store import SessionStore
+from services.router.store import SessionStore, redact_url
 from services.router.types import AnswerDelta, Finished, RouterError, Started, StepDone
 from services.router.workers import DEADLINE, WorkerPool
 
@@ -48,6 +51,13 @@ async def _errors(context: grpc.aio.ServicerContext):
         await context.abort(grpc.StatusCode.INTERNAL, "internal error in the router (see its log)")
 
 
+def _owner(context: grpc.aio.ServicerContext) -> str:
+    owner = owners.from_metadata(context.invocation_metadata())
+    if owner is None:
+        raise RouterError(f"{owners.METADATA_KEY} metadata must be 64 lowercase hex characters", "INVALID_ARGUMENT")
+    return owner
+
+
 def _set_deadline(context: grpc.aio.ServicerContext, default_s: float) -> None:
     left = context.time_remaining()
     DEADLINE.set(time.monotonic() + (left if left is not None else default_s))
@@ -60,7 +70,9 @@ class RouterServicer(pb_grpc.RouterServicer):
 
     async def _events(self, request: pb.ReasonRequest, context):
         _set_deadline(context, self.settings.request_timeout_s)
-        async for ev in self.core.reason(convert.reason_request(request)):
+        req = convert.reason_request(request)
+        req.owner = _owner(context)
+        async for ev in self.core.reason(req):
             yield ev
 
     async def ReasonStream(self, request, context):
@@ -93,12 +105,12 @@ class RouterServicer(pb_grpc.RouterServicer):
 
     async def GetSession(self, request, context):
         async with _errors(context):
-            view = await self.core.get_session(request.session_id)
+            view = await self.core.get_session(request.session_id, owner=_owner(context))
             return convert.session(view, request.include_prefix)
 
     async def CancelSession(self, request, context):
         async with _errors(context):
-            cancelled, status = await self.core.cancel(request.session_id)
+            cancelled, status = await self.core.cancel(request.session_id, owner=_owner(context))
             return pb.CancelSessionResponse(cancelled=cancelled, status=status)
 
 
@@ -107,13 +119,18 @@ class RouterServer:
         self.settings = settings
         self.store = SessionStore.from_url(
             settings.redis_url, settings.key_prefix, settings.session_ttl_s, settings.lease_ms, settings.max_sessions,
-            settings.redis_max_connections,
+            settings.redis_max_connections, settings.redis_timeout_s,
+            settings.redis_tls_ca, settings.redis_tls_cert, settings.redis_tls_key,
+        )
+        self.worker_tls = tls.ClientTLS(
+            settings.worker_tls_ca, settings.worker_tls_cert, settings.worker_tls_key, settings.worker_tls_server_name
         )
         common = dict(
             retries=settings.worker_retries,
             health_interval_s=settings.health_interval_s,
             max_message_bytes=settings.max_message_bytes,
             default_timeout_s=settings.request_timeout_s,
+            tls=self.worker_tls,
         )
         self.pools = {
             "small": WorkerPool("small", list(settings.small), **common),
@@ -121,6 +138,7 @@ class RouterServer:
         }
         self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server(
+            interceptors=[observe.RequestMetrics()],
             options=[
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -136,7 +154,9 @@ class RouterServer:
         self._ready_task: asyncio.Task | None = None
 
     async def start(self) -> int:
-        self.port = self.server.add_insecure_port(f"{self.settings.host}:{self.settings.port}")
+        s = self.settings
+        self.port = tls.add_port(self.server, f"{s.host}:{s.port}", tls.ServerTLS(s.tls_cert, s.tls_key, s.tls_client_ca), "router")
+        log.log(logging.INFO if self.worker_tls.enabled else logging.WARNING, "%s", tls.describe_client(self.worker_tls, "workers"))
         if self.port == 0:
             raise RuntimeError(f"could not listen on {self.settings.host}:{self.settings.port}")
         for name in ("", SERVICE_NAME):
@@ -144,10 +164,14 @@ class RouterServer:
         await self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
         # The Router service is added only once the pools are known: until then only
         # health answers, and it says NOT_SERVING.
-        await asyncio.gather(*(p.start(self.settings.connect_timeout_s) for p in self.pools.values()))
-        await self.store.r.ping()
+        with observe.untraced():  # startup probes, and the pools' health loops started here, make no spans
+            await asyncio.gather(*(p.start(self.settings.connect_timeout_s) for p in self.pools.values()))
+            try:
+                await self.store.r.ping()
+            except RedisError as exc:  # one clear line, not a traceback (and never the URL's password)
+                raise RouterError(f"Redis at {redact_url(self.settings.redis_url)} did not answer: {exc}", "UNAVAILABLE") from None
         self.core = RouterCore(self.settings, self.store, self.pools["small"], self.pools["large"])
-        pb_grpc.add_RouterServicer_to_server(RouterServicer(self.core, self.settings), self.server)
+        grpc_input.add_servicer(pb_grpc.add_RouterServicer_to_server, RouterServicer(self.core, self.settings), self.server)
         await self.server.start()
         await self._update_readiness()
         self._ready_task = asyncio.create_task(self._readiness_loop())
@@ -155,9 +179,10 @@ class RouterServer:
 
     async def _update_readiness(self) -> None:
         try:
-            ok = bool(await self.store.r.ping()) and all(
-                any(ep.healthy for ep in pool.endpoints) for pool in self.pools.values()
-            )
+            with observe.untraced():  # a ping every few seconds is not worth a trace
+                ok = bool(await self.store.r.ping()) and all(
+                    any(ep.healthy for ep in pool.endpoints) for pool in self.pools.values()
+                )
         except Exception:
             ok = False
         status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -170,16 +195,27 @@ class RouterServer:
             await self._update_readiness()
 
     async def stop(self, grace: float | None = None) -> None:
+        grace = self.settings.shutdown_grace_s if grace is None else grace
+        end = time.monotonic() + grace
         if self._ready_task is not None:
             self._ready_task.cancel()
+        # NOT_SERVING first (load balancers and gateways stop sending), while health
+        # still answers; new Reason calls get UNAVAILABLE; sessions in flight finish
+        # their current step and release their leases; then the server stops.
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(self.settings.shutdown_grace_s if grace is None else grace)
+        if self.core is not None:
+            left = await self.core.drain(grace)
+            if left:
+                log.warning("%d session(s) still running after %.0fs of draining: cancelling them", left, grace)
+        await self.server.stop(max(0.0, end - time.monotonic()))
         for pool in self.pools.values():
             await pool.close()
         await self.store.close()
 
 
 async def serve(settings: RouterSettings) -> None:
+    observe.setup()  # before the server and channels exist: it patches grpc.aio.server and channels
+    metrics_port = telemetry.start_metrics_server(settings.metrics_port, settings.host)
     server = RouterServer(settings)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -188,7 +224,8 @@ async def serve(settings: RouterSettings) -> None:
     port = await server.start()
     assert server.core is not None
     # Parents (the CLI, tests) read this line to learn the port when --port 0.
-    print(f"glimprouter-router ready mode={server.core.mode} port={port}", flush=True)
+    print(f"glimprouter-router ready mode={server.core.mode} port={port} metrics_port={metrics_port}", flush=True)
     await stopping.wait()
     log.info("shutting down: draining for up to %.0fs", settings.shutdown_grace_s)
     await server.stop()
+    telemetry.shutdown()  # the last sessions' spans

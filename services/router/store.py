@@ -21,6 +21,7 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
@@ -105,6 +106,23 @@ if redis.call('EXISTS', KEYS[2]) == 0 then redis.call('HSET', KEYS[1], 'status',
 return 1
 """
 
+# KEYS: meta   ARGV: trace id, how many to keep -> 1 noted, 0 no such session.
+# The trace ids of the requests that worked on the session, oldest first, space
+# separated: `glimprouter session show` prints them for opening in Jaeger.
+_TRACE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local ids = {}
+for id in string.gmatch(redis.call('HGET', KEYS[1], 'trace_ids') or '', '%S+') do
+  if id ~= ARGV[1] then table.insert(ids, id) end
+end
+table.insert(ids, ARGV[1])
+local keep = tonumber(ARGV[2])
+while #ids > keep do table.remove(ids, 1) end
+redis.call('HSET', KEYS[1], 'trace_id', ARGV[1], 'trace_ids', table.concat(ids, ' '))
+return 1
+"""
+MAX_TRACE_IDS = 32
+
 _LITTLE = sys.byteorder == "little"
 ALL_VIEWS = ("shared", "small", "large")
 
@@ -148,15 +166,29 @@ class SessionStore:
         self._release = client.register_script(_RELEASE)
         self._cancel = client.register_script(_CANCEL)
         self._status = client.register_script(_STATUS)
+        self._trace = client.register_script(_TRACE)
 
     @classmethod
     def from_url(
-        cls, url: str, key_prefix: str, ttl_s: int, lease_ms: int, max_sessions: int, max_connections: int = 64
+        cls, url: str, key_prefix: str, ttl_s: int, lease_ms: int, max_sessions: int, max_connections: int = 64,
+        timeout_s: float = 5.0, tls_ca: str = "", tls_cert: str = "", tls_key: str = "",
     ) -> "SessionStore":
         # rediss:// turns TLS on; user:password@ in the URL does AUTH. A blocking pool:
         # hundreds of sessions writing at once wait briefly for a connection instead of
-        # failing with "Too many connections".
-        pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=30)
+        # failing with "Too many connections". Socket timeouts: a Redis that hangs (not
+        # just refuses) fails requests within timeout_s instead of holding them forever;
+        # socket_timeout=... in the URL's query wins.
+        tls: dict = {}
+        if url.startswith("rediss://"):
+            # A private CA (and a client certificate, for a Redis that asks for one);
+            # without a CA the system roots verify the server.
+            tls = {k: v for k, v in (("ssl_ca_certs", tls_ca), ("ssl_certfile", tls_cert), ("ssl_keyfile", tls_key)) if v}
+        elif tls_ca or tls_cert or tls_key:
+            raise ValueError("--redis-tls-* settings need a rediss:// URL")
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=max_connections, timeout=30,
+            socket_timeout=timeout_s, socket_connect_timeout=timeout_s, **tls,
+        )
         return cls(aioredis.Redis(connection_pool=pool), key_prefix, ttl_s, lease_ms, max_sessions)
 
     async def close(self) -> None:
@@ -255,8 +287,19 @@ class SessionStore:
     async def release(self, session_id: str, token: str) -> None:
         await self._release(keys=[self.key(session_id, "lease")], args=[token])
 
+    async def owner(self, session_id: str) -> str | None:
+        """The owner id stored with the session ("" for none); None when there is no such session."""
+        owner, created = await self.r.hmget(self.key(session_id, "meta"), ["owner", "created_ms"])
+        if created is None:
+            return None
+        return owner.decode() if owner is not None else ""
+
     async def request_cancel(self, session_id: str) -> int:
         return int(await self._cancel(keys=[self.key(session_id, "meta"), self.key(session_id, "lease")], args=[self.ttl_ms]))
+
+    async def add_trace(self, session_id: str, trace_id: str) -> bool:
+        """Note the trace of the request working on the session (its meta's trace_id and trace_ids)."""
+        return bool(await self._trace(keys=[self.key(session_id, "meta")], args=[trace_id, MAX_TRACE_IDS]))
 
     # ---- reads -----------------------------------------------------------------------------
     async def load(self, session_id: str, with_prefixes: bool = True) -> StoredSession | None:
@@ -287,6 +330,15 @@ def _pairs(meta: dict[str, str]) -> list[str]:
     for k, v in meta.items():
         out += [k, v]
     return out
+
+
+def redact_url(url: str) -> str:
+    """The Redis URL as it may be logged: any password replaced by ***."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rsplit("@", 1)[-1]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
 
 
 def _now_ms() -> int:

@@ -81,6 +81,18 @@ class WorkersUnavailable(RouterError):
     code = "UNAVAILABLE"
 
 
+class StoreUnavailable(RouterError):
+    """Redis did not answer in time: nothing was stored; the session can be resumed once it is back."""
+
+    code = "UNAVAILABLE"
+
+
+class ShuttingDown(RouterError):
+    """The router is draining (SIGTERM): retry, or resume the session, on another replica."""
+
+    code = "UNAVAILABLE"
+
+
 @dataclass
 class RoutingOptions:
     policy: str = DEFAULT_POLICY
@@ -146,6 +158,8 @@ class ReasonRequest:
     # the stored options for the groups left unset.
     options_set: frozenset[str] = frozenset()
     include_token_ids: bool = False
+    # Who is asking (services/common/owner.py): stored with a new session, checked on every later call.
+    owner: str = ""
 
 
 class Kind(str, enum.Enum):

@@ -26,6 +26,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from glimprouter.v1 import worker_pb2 as pb
 from glimprouter.v1 import worker_pb2_grpc as pb_grpc
+from services.common.tls import ClientTLS, aio_channel
+from services.router import observe
 from services.router.types import InvalidArgument, RouterError, WorkersUnavailable
 from services.router.worker_client import WorkerClient
 from services.worker.types import (
@@ -114,17 +116,60 @@ def _prompt(ids: Sequence[int]) -> pb.Prompt:
 
 # ---- endpoints and pools ------------------------------------------------------------------
 class Endpoint:
-    def __init__(self, address: str, max_message_bytes: int) -> None:
+    def __init__(self, address: str, max_message_bytes: int, tls: ClientTLS | None = None) -> None:
         self.address = address
         opts = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
+            # gRPC's default reconnect backoff grows to 120 s: a worker that comes back
+            # after an outage would sit unused that long. Health checks probe often anyway.
+            ("grpc.initial_reconnect_backoff_ms", 200),
+            ("grpc.max_reconnect_backoff_ms", 2000),
         ]
-        self.channel = grpc.aio.insecure_channel(address, options=opts)
+        self.channel = aio_channel(address, tls or ClientTLS(), opts, interceptors=[_TrackCalls()])
         self.stub = pb_grpc.ModelWorkerStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
         self.healthy = False
         self.info: ModelInfo | None = None
+
+
+# The RPCs under way in one `_cancel_with_caller`, recorded by `_TrackCalls`.
+_LIVE_CALLS: contextvars.ContextVar[list | None] = contextvars.ContextVar("glimprouter_live_calls", default=None)
+
+
+class _TrackCalls(grpc.aio.UnaryUnaryClientInterceptor):
+    """The innermost interceptor of a worker channel: it sees the real RPC object."""
+
+    async def intercept_unary_unary(self, continuation, client_call_details, request):
+        call = await continuation(client_call_details, request)
+        live = _LIVE_CALLS.get()
+        if live is not None:
+            live.append(call)
+        return call
+
+
+async def _cancel_with_caller(make_call):
+    """Make and await a unary call; when the awaiting task is cancelled (client gone,
+    CancelSession, deadline), cancel the RPC so the worker stops decoding.
+
+    A bare grpc.aio call does that by itself, but not one wrapped by an interceptor
+    that awaits `call.code()` in the interceptors' own task, as OpenTelemetry's
+    client interceptor does once tracing is set up: the cancellation stops there and
+    the worker writes the whole step for nobody. `_TrackCalls` hands us the RPC
+    underneath, which we cancel ourselves."""
+    live: list = []
+    token = _LIVE_CALLS.set(live)
+    try:
+        call = make_call()  # the interceptors' task copies the context here: it sees `live`
+    finally:
+        _LIVE_CALLS.reset(token)
+    try:
+        return await call
+    except asyncio.CancelledError:
+        call.cancel()
+        for rpc in live:
+            rpc.cancel()
+        raise
 
 
 def _rendezvous(session_id: str, address: str) -> bytes:
@@ -141,11 +186,12 @@ class WorkerPool:
         health_interval_s: float = 2.0,
         max_message_bytes: int = 16 * 1024 * 1024,
         default_timeout_s: float = 600.0,
+        tls: ClientTLS | None = None,
     ) -> None:
         if not addresses:
             raise ValueError(f"the {role} pool has no endpoints")
         self.role = role
-        self.endpoints = [Endpoint(a, max_message_bytes) for a in addresses]
+        self.endpoints = [Endpoint(a, max_message_bytes, tls) for a in addresses]
         self.retries = retries
         self.health_interval_s = health_interval_s
         self.default_timeout_s = default_timeout_s
@@ -239,12 +285,19 @@ class WorkerPool:
         tried: set[str] = set()
         for attempt in range(self.retries + 1):
             ep = self.pick(session_id, affinity, tried)
+            t0 = time.perf_counter()
             try:
-                return await getattr(ep.stub, method)(request, timeout=self._timeout())
+                out = await _cancel_with_caller(lambda: getattr(ep.stub, method)(request, timeout=self._timeout()))
             except grpc.aio.AioRpcError as exc:
+                observe.worker_call(self.role, ep.address, method, exc.code().name, time.perf_counter() - t0)
                 self._raise_unless_retryable(ep, exc, method)
                 tried.add(ep.address)
+                if attempt < self.retries:
+                    observe.worker_retry(self.role, method)
                 log.warning("%s worker %s failed %s (%s); retrying elsewhere", self.role, ep.address, method, exc.code().name)
+            else:
+                observe.worker_call(self.role, ep.address, method, "OK", time.perf_counter() - t0, out)
+                return out
         raise WorkersUnavailable(f"{method} failed on every {self.role} worker tried ({', '.join(sorted(tried))})")
 
     async def stream(self, session_id: str, affinity: dict[str, str], request) -> AsyncIterator[pb.GenerateChunk]:
@@ -252,16 +305,27 @@ class WorkerPool:
         for attempt in range(self.retries + 1):
             ep = self.pick(session_id, affinity, tried)
             started = False
+            t0 = time.perf_counter()
+            last = None
             try:
-                async for chunk in ep.stub.GenerateStream(request, timeout=self._timeout()):
-                    started = True
-                    yield chunk
+                rpc = ep.stub.GenerateStream(request, timeout=self._timeout())
+                try:
+                    async for chunk in rpc:
+                        started = True
+                        last = chunk
+                        yield chunk
+                finally:
+                    rpc.cancel()  # a caller that stops reading (cancelled, gone) stops the worker; no-op when done
+                observe.worker_call(self.role, ep.address, "GenerateStream", "OK", time.perf_counter() - t0, last)
                 return
             except grpc.aio.AioRpcError as exc:
+                observe.worker_call(self.role, ep.address, "GenerateStream", exc.code().name, time.perf_counter() - t0)
                 if started:  # text already reached the caller: cannot replay elsewhere
                     raise WorkersUnavailable(f"{self.role} worker {ep.address} failed mid-stream: {exc.details()}") from None
                 self._raise_unless_retryable(ep, exc, "GenerateStream")
                 tried.add(ep.address)
+                if attempt < self.retries:
+                    observe.worker_retry(self.role, "GenerateStream")
         raise WorkersUnavailable(f"GenerateStream failed on every {self.role} worker tried ({', '.join(sorted(tried))})")
 
     def _raise_unless_retryable(self, ep: Endpoint, exc: grpc.aio.AioRpcError, method: str) -> None:

@@ -20,6 +20,10 @@ class WorkerSettings:
     kv_reuse: bool = setting(True, "reuse KV state across requests (off only to measure what reuse saves)")
     max_message_bytes: int = setting(16 * 1024 * 1024, "largest gRPC request accepted")
     shutdown_grace_s: float = setting(30.0, "seconds to finish in-flight calls on SIGTERM")
+    # TLS (services/common/tls.py): plaintext unless a certificate is configured.
+    tls_cert: str = setting("", "PEM certificate (chain) this worker serves gRPC with; with --tls-key turns TLS on")
+    tls_key: str = setting("", "PEM private key of --tls-cert")
+    tls_client_ca: str = setting("", "PEM CA bundle: when set, callers must present a client certificate it signed (mutual TLS)")
     # Simulator knobs (backend=sim only: load tests of the router, never a default).
     sim_seed: int = setting(0, "sim: seed of the scripted token streams")
     sim_token_latency_s: float = setting(0.0, "sim: seconds per decoded token")

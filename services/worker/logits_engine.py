@@ -18,6 +18,7 @@ from typing import AsyncIterator, Callable, Iterator, Sequence
 import numpy as np
 
 from services.worker import entropy as ent
+from services.worker import observe
 from services.worker.engine import CancelToken, Engine
 from services.worker.sampling import sample
 from services.worker.stepcut import StepCutter
@@ -300,6 +301,8 @@ class LogitsEngine(Engine):
                 break
             if len(produced) < sampling.max_tokens:
                 logits = self.model.decode(token)
+        if finish is FinishReason.CANCELLED:
+            observe.generation_cancelled(self.model.model_id, len(produced))
         if finish not in (FinishReason.EOS, FinishReason.STEP_END, FinishReason.STOP):
             tail = cutter.flush()
             if tail:

@@ -59,3 +59,15 @@ def record(model: str, method: str, code: str, seconds: float, response=None) ->
         attrs.update({"glimprouter.entropy_top_k": response.entropy_top_k, "glimprouter.entropy_full": response.entropy_full})
     if span.is_recording():
         span.set_attributes(attrs)
+
+# Work cut short: a call whose caller went away (client cancel, deadline) stops
+# decoding at the next token; these say how often, and how many tokens it had made.
+CANCELLED = Counter("glimprouter_worker_cancelled_generations_total", "Generations stopped because their call was cancelled", ["model"])
+CANCELLED_TOKENS = Counter(
+    "glimprouter_worker_cancelled_tokens_total", "Tokens decoded by generations stopped because their call was cancelled", ["model"]
+)
+
+
+def generation_cancelled(model: str, tokens: int) -> None:
+    CANCELLED.labels(model).inc()
+    CANCELLED_TOKENS.labels(model).inc(tokens)

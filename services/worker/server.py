@@ -9,13 +9,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from glimprouter.v1 import worker_pb2, worker_pb2_grpc
-from services.common import telemetry
+from services.common import grpc_input, telemetry, tls
 from services.worker import observe
 from services.worker.config import WorkerSettings
 from services.worker.engine import Engine
@@ -38,7 +39,8 @@ class WorkerServer:
                 ("grpc.max_send_message_length", settings.max_message_bytes),
             ]
         )
-        worker_pb2_grpc.add_ModelWorkerServicer_to_server(WorkerServicer(engine), self.server)
+        self.servicer = WorkerServicer(engine)
+        grpc_input.add_servicer(worker_pb2_grpc.add_ModelWorkerServicer_to_server, self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
@@ -47,7 +49,8 @@ class WorkerServer:
         self.port = 0
 
     async def start(self) -> int:
-        self.port = self.server.add_insecure_port(f"{self.settings.host}:{self.settings.port}")
+        s = self.settings
+        self.port = tls.add_port(self.server, f"{s.host}:{s.port}", tls.ServerTLS(s.tls_cert, s.tls_key, s.tls_client_ca), "worker")
         if self.port == 0:
             raise RuntimeError(f"could not listen on {self.settings.host}:{self.settings.port}")
         for name in ("", SERVICE_NAME):
@@ -61,10 +64,19 @@ class WorkerServer:
         return self.port
 
     async def stop(self, grace: float | None = None) -> None:
-        # Readiness goes first so load balancers stop sending while steps in flight finish.
+        # Readiness goes first so load balancers stop sending while steps in flight
+        # finish; health keeps answering (NOT_SERVING) until they have, new calls get
+        # UNAVAILABLE (routers retry them on another replica), then the server stops.
+        grace = self.settings.shutdown_grace_s if grace is None else grace
+        end = time.monotonic() + grace
         await self.health.enter_graceful_shutdown()
         observe.READY.labels(self.engine.info.model_id).set(0)
-        await self.server.stop(self.settings.shutdown_grace_s if grace is None else grace)
+        self.servicer.draining = True
+        while self.servicer.in_flight and time.monotonic() < end:
+            await asyncio.sleep(0.05)
+        if self.servicer.in_flight:
+            log.warning("%d call(s) still running after %.0fs: cancelling them", self.servicer.in_flight, grace)
+        await self.server.stop(max(0.0, end - time.monotonic()))
         await self.engine.close()
         telemetry.shutdown()
 

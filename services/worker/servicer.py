@@ -21,12 +21,20 @@ class WorkerServicer(pb_grpc.ModelWorkerServicer):
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.limits = v.Limits.of(engine.info)
+        # Graceful shutdown (server.py): new calls are refused once draining, and the
+        # server waits for `in_flight` to reach zero before it stops.
+        self.draining = False
+        self.in_flight = 0
 
     @contextlib.asynccontextmanager
     async def _call(self, context: grpc.aio.ServicerContext, method: str):
         """Map validation and engine errors to status codes (the server keeps serving)
         and record metrics and span attributes; callers append their response."""
+        if self.draining:
+            # UNAVAILABLE: the router retries the call on another replica at once.
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "this worker is shutting down; use another replica")
         started, code, out = time.perf_counter(), "OK", []
+        self.in_flight += 1
         try:
             yield out
         except (v.InvalidArgument, EngineError) as exc:
@@ -42,6 +50,7 @@ class WorkerServicer(pb_grpc.ModelWorkerServicer):
             log.exception("%s failed", method)
             await context.abort(grpc.StatusCode.INTERNAL, "internal error in the model worker (see its log)")
         finally:
+            self.in_flight -= 1
             observe.record(self.engine.info.model_id, method, code, time.perf_counter() - started, out[-1] if out else None)
 
     def _prompt(self, prompt: pb.Prompt) -> list[int]:

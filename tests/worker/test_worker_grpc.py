@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import grpc
 import numpy as np
@@ -212,7 +213,14 @@ def test_metrics_move_by_what_the_calls_did(smol_worker, worker_stub):
                                                   stop=pb.StopCondition(step_boundary=""), session_id="metrics"))
     with pytest.raises(grpc.RpcError):
         worker_stub.Glimpse(pb.GlimpseRequest())
-    after = _scrape(port)
+    # The server records a call after its status has gone out, so give it a moment.
+    err_key = f'glimprouter_worker_requests_total{{code="INVALID_ARGUMENT",method="Glimpse",{lab}}}'
+    deadline = time.monotonic() + 5
+    while True:
+        after = _scrape(port)
+        if after.get(err_key, 0.0) > before.get(err_key, 0.0) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
 
     def delta(name):
         return after.get(name, 0.0) - before.get(name, 0.0)

@@ -297,7 +297,7 @@ class PrefixView(_message.Message):
     def __init__(self, name: _Optional[str] = ..., length: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Session(_message.Message):
-    __slots__ = ("session_id", "status", "prefix_mode", "turn", "small_model", "large_model", "options_json", "steps", "prefixes", "lease_holder", "lease_ms_left", "answer", "stats", "affinity", "created_unix_ms", "updated_unix_ms", "error")
+    __slots__ = ("session_id", "status", "prefix_mode", "turn", "small_model", "large_model", "options_json", "steps", "prefixes", "lease_holder", "lease_ms_left", "answer", "stats", "affinity", "created_unix_ms", "updated_unix_ms", "error", "trace_ids")
     class AffinityEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -322,6 +322,7 @@ class Session(_message.Message):
     CREATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     UPDATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    TRACE_IDS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     status: str
     prefix_mode: PrefixMode
@@ -339,7 +340,8 @@ class Session(_message.Message):
     created_unix_ms: int
     updated_unix_ms: int
     error: str
-    def __init__(self, session_id: _Optional[str] = ..., status: _Optional[str] = ..., prefix_mode: _Optional[_Union[PrefixMode, str]] = ..., turn: _Optional[int] = ..., small_model: _Optional[str] = ..., large_model: _Optional[str] = ..., options_json: _Optional[str] = ..., steps: _Optional[_Iterable[_Union[StepEvent, _Mapping]]] = ..., prefixes: _Optional[_Iterable[_Union[PrefixView, _Mapping]]] = ..., lease_holder: _Optional[str] = ..., lease_ms_left: _Optional[int] = ..., answer: _Optional[str] = ..., stats: _Optional[_Union[Stats, _Mapping]] = ..., affinity: _Optional[_Mapping[str, str]] = ..., created_unix_ms: _Optional[int] = ..., updated_unix_ms: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
+    trace_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, session_id: _Optional[str] = ..., status: _Optional[str] = ..., prefix_mode: _Optional[_Union[PrefixMode, str]] = ..., turn: _Optional[int] = ..., small_model: _Optional[str] = ..., large_model: _Optional[str] = ..., options_json: _Optional[str] = ..., steps: _Optional[_Iterable[_Union[StepEvent, _Mapping]]] = ..., prefixes: _Optional[_Iterable[_Union[PrefixView, _Mapping]]] = ..., lease_holder: _Optional[str] = ..., lease_ms_left: _Optional[int] = ..., answer: _Optional[str] = ..., stats: _Optional[_Union[Stats, _Mapping]] = ..., affinity: _Optional[_Mapping[str, str]] = ..., created_unix_ms: _Optional[int] = ..., updated_unix_ms: _Optional[int] = ..., error: _Optional[str] = ..., trace_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class CancelSessionRequest(_message.Message):
     __slots__ = ("session_id",)

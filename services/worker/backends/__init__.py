@@ -44,6 +44,8 @@ def create_engine(s: WorkerSettings) -> Engine:
                 steps=s.sim_steps,
                 hard_steps=hard,
                 hard_fraction=s.sim_hard_fraction,
+                # --context-length bounds the sim too, so prompt-length limits can be tested without a model.
+                context_length=s.context_length,
             )
         )
     if s.backend == "trtllm":
