@@ -3,9 +3,10 @@
 Traces: exported over OTLP only when the standard OTEL_EXPORTER_OTLP_ENDPOINT (or
 OTEL_EXPORTER_OTLP_TRACES_ENDPOINT) is set; the exporter, sampler, service name and
 resource attributes all honour the standard OTEL_* variables. Without an endpoint
-the OpenTelemetry API stays a no-op: nothing is exported and nothing fails.
-gRPC servers and clients are instrumented (W3C trace context travels in gRPC
-metadata), with health checks left out of traces.
+the OpenTelemetry API stays a no-op and nothing is instrumented: nothing is
+exported, nothing fails, and no call pays for wrappers. With one, gRPC servers and
+clients are instrumented (W3C trace context travels in gRPC metadata), with health
+checks left out of traces.
 
 Prompt and step text go into spans only when GLIMPROUTER_TRACE_CONTENT is true.
 """
@@ -39,6 +40,11 @@ def setup(default_service_name: str) -> bool:
         if _configured:
             return exporting()
         _configured = True
+        if not exporting():
+            # Nothing to export: skip the instrumentation too. Its wrappers cost CPU on
+            # every gRPC call (the router's per-step cost doubled with them on) and
+            # would only carry context nobody records.
+            return False
         from opentelemetry.instrumentation.grpc import (
             GrpcAioInstrumentorClient,
             GrpcAioInstrumentorServer,

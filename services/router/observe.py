@@ -128,6 +128,8 @@ def setup() -> bool:
     """Tracing for the router process (before its gRPC server and channels exist):
     gRPC in and out, and every Redis command."""
     exporting = telemetry.setup("glimprouter-router")
+    if not exporting:
+        return False
     from opentelemetry.instrumentation.redis import RedisInstrumentor
 
     inst = RedisInstrumentor()
