@@ -5,6 +5,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+# The router's own statistics types: the gateway reports them as they are.
+from services.router.types import RoleStats, Stats  # noqa: F401  (re-exported)
+
 
 def finite_or_none(value: float) -> float | None:
     # JSON has no NaN: a policy that reads no entropy reports null.
@@ -65,31 +68,6 @@ class AnswerDelta:
     role: str = ""
 
 
-@dataclass
-class RoleStats:
-    steps: int = 0
-    generated_tokens: int = 0
-    discarded_tokens: int = 0
-    glimpses: int = 0
-    prefilled_tokens: int = 0
-    cached_tokens: int = 0
-    worker_ms: float = 0.0
-
-
-@dataclass
-class Stats:
-    latency_ms: float = 0.0
-    steps: int = 0
-    intervention_rate: float = 0.0
-    small: RoleStats = field(default_factory=RoleStats)
-    large: RoleStats = field(default_factory=RoleStats)
-    thinking_tokens: int = 0
-    answer_tokens: int = 0
-    thinking_end: str = ""
-    answer_end: str = ""
-    resumed_steps: int = 0
-    # Not in the router's Stats yet; reported as 0 until it is.
-    prompt_tokens: int = 0
 
 
 @dataclass

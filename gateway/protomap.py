@@ -3,6 +3,8 @@
 The only module of the gateway that touches protobuf objects besides the client."""
 from __future__ import annotations
 
+import dataclasses
+
 from glimprouter.v1 import router_pb2 as pb
 
 from gateway.chat import ChatRequest, Routing
@@ -71,32 +73,13 @@ def step(s: pb.StepEvent) -> Step:
 
 
 def _role_stats(r: pb.RoleStats) -> RoleStats:
-    return RoleStats(
-        steps=r.steps,
-        generated_tokens=r.generated_tokens,
-        discarded_tokens=r.discarded_tokens,
-        glimpses=r.glimpses,
-        prefilled_tokens=r.prefilled_tokens,
-        cached_tokens=r.cached_tokens,
-        worker_ms=r.worker_ms,
-    )
+    return RoleStats(**{f.name: getattr(r, f.name) for f in dataclasses.fields(RoleStats)})
 
 
 def stats(s: pb.Stats) -> Stats:
-    return Stats(
-        latency_ms=s.latency_ms,
-        steps=s.steps,
-        intervention_rate=s.intervention_rate,
-        small=_role_stats(s.small),
-        large=_role_stats(s.large),
-        thinking_tokens=s.thinking_tokens,
-        answer_tokens=s.answer_tokens,
-        thinking_end=s.thinking_end,
-        answer_end=s.answer_end,
-        resumed_steps=s.resumed_steps,
-        # Read when the contract grows the field (see docs/gateway.md, usage).
-        prompt_tokens=getattr(s, "prompt_tokens", 0),
-    )
+    # The router's dataclasses mirror its messages field for field.
+    scalars = {f.name: getattr(s, f.name) for f in dataclasses.fields(Stats) if f.name not in ("small", "large")}
+    return Stats(small=_role_stats(s.small), large=_role_stats(s.large), **scalars)
 
 
 def event(ev: pb.ReasonEvent) -> Event | None:

@@ -1,6 +1,8 @@
 """Protobuf <-> router dataclasses, both directions (the servicer stays thin)."""
 from __future__ import annotations
 
+import dataclasses
+
 import math
 
 from glimprouter.v1 import router_pb2 as pb
@@ -101,31 +103,9 @@ def step_event(rec: Record, token_ids: list[int] | None = None) -> pb.StepEvent:
     )
 
 
-def _role_stats(s: RoleStats) -> pb.RoleStats:
-    return pb.RoleStats(
-        steps=s.steps,
-        generated_tokens=s.generated_tokens,
-        discarded_tokens=s.discarded_tokens,
-        glimpses=s.glimpses,
-        prefilled_tokens=s.prefilled_tokens,
-        cached_tokens=s.cached_tokens,
-        worker_ms=s.worker_ms,
-    )
-
-
 def stats(s: Stats) -> pb.Stats:
-    return pb.Stats(
-        latency_ms=s.latency_ms,
-        steps=s.steps,
-        intervention_rate=s.intervention_rate,
-        small=_role_stats(s.small),
-        large=_role_stats(s.large),
-        thinking_tokens=s.thinking_tokens,
-        answer_tokens=s.answer_tokens,
-        thinking_end=s.thinking_end,
-        answer_end=s.answer_end,
-        resumed_steps=s.resumed_steps,
-    )
+    # The dataclasses mirror the messages field for field (nested dicts fill sub-messages).
+    return pb.Stats(**dataclasses.asdict(s))
 
 
 def session(v: SessionView, include_prefix: bool) -> pb.Session:
