@@ -41,10 +41,9 @@ def usage(done: Done) -> dict:
     s = done.stats
     completion = s.thinking_tokens + s.answer_tokens
     return {
-        # The router does not report the prompt's token count yet (docs/gateway.md).
-        "prompt_tokens": 0,
+        "prompt_tokens": s.prompt_tokens,
         "completion_tokens": completion,
-        "total_tokens": completion,
+        "total_tokens": s.prompt_tokens + completion,
         "completion_tokens_details": {"reasoning_tokens": s.thinking_tokens},
     }
 

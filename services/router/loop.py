@@ -395,7 +395,13 @@ def turn_stats(state: TurnState, answer_end: str, latency_ms: float) -> Stats:
         per[answer.role].generated_tokens += answer.tokens
     steps = len(state.turn_steps)
     large = per[Role.LARGE.value].steps
+    # The turn's first record (its prompt, or a later turn's messages) ends where the
+    # prompt of this turn ends.
+    first = state.turn_records[0] if state.turn_records else None
+    prompt_view = views_for(state.mode)[Role.SMALL]
+    prompt_tokens = first.prefix_end.get(prompt_view, 0) if first is not None and first.kind in (Kind.PROMPT, Kind.TURN) else 0
     return Stats(
+        prompt_tokens=prompt_tokens,
         latency_ms=latency_ms,
         steps=steps,
         intervention_rate=(large / steps) if steps else 0.0,

@@ -241,6 +241,7 @@ class Stats:
     thinking_end: str = ""
     answer_end: str = ""
     resumed_steps: int = 0
+    prompt_tokens: int = 0
 
 
 # ---- events of one Reason call -----------------------------------------------------

@@ -40,6 +40,7 @@ def test_redis_holds_the_prefix_and_every_step(sim_router, sim_pair, redis_clien
     assert session.status == "done" and session.prefix_mode == pb.PREFIX_MODE_TOKENS
     (view,) = session.prefixes
     expected = prompt_ids(sim_pair[0].address, "Add 2 and 3.")
+    assert resp.stats.prompt_tokens == len(expected)
     for s in resp.steps:
         expected += list(s.token_ids)
     assert list(view.token_ids) == expected  # the prefix is the prompt and the steps, nothing else
@@ -63,6 +64,9 @@ def test_answer_and_a_second_turn_extend_the_stored_prefix(sim_router):
     after = sim_router.stub.GetSession(pb.GetSessionRequest(session_id=first.session_id, include_prefix=True))
     old, new = list(before.prefixes[0].token_ids), list(after.prefixes[0].token_ids)
     assert new[: len(old)] == old  # continued from the stored prefix, never re-rendered
+    # The second turn's prompt is the whole first turn plus the new message.
+    second_steps = sum(s.tokens for s in second.steps) + second.stats.answer_tokens
+    assert len(old) < second.stats.prompt_tokens <= len(new) - second_steps
     assert after.turn == 1 and len(after.steps) == len(first.steps) + len(second.steps)
 
 

@@ -193,7 +193,7 @@ class RoleStats(_message.Message):
     def __init__(self, steps: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., discarded_tokens: _Optional[int] = ..., glimpses: _Optional[int] = ..., prefilled_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., worker_ms: _Optional[float] = ...) -> None: ...
 
 class Stats(_message.Message):
-    __slots__ = ("latency_ms", "steps", "intervention_rate", "small", "large", "thinking_tokens", "answer_tokens", "thinking_end", "answer_end", "resumed_steps")
+    __slots__ = ("latency_ms", "steps", "intervention_rate", "small", "large", "thinking_tokens", "answer_tokens", "thinking_end", "answer_end", "resumed_steps", "prompt_tokens")
     LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     INTERVENTION_RATE_FIELD_NUMBER: _ClassVar[int]
@@ -204,6 +204,7 @@ class Stats(_message.Message):
     THINKING_END_FIELD_NUMBER: _ClassVar[int]
     ANSWER_END_FIELD_NUMBER: _ClassVar[int]
     RESUMED_STEPS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     latency_ms: float
     steps: int
     intervention_rate: float
@@ -214,7 +215,8 @@ class Stats(_message.Message):
     thinking_end: str
     answer_end: str
     resumed_steps: int
-    def __init__(self, latency_ms: _Optional[float] = ..., steps: _Optional[int] = ..., intervention_rate: _Optional[float] = ..., small: _Optional[_Union[RoleStats, _Mapping]] = ..., large: _Optional[_Union[RoleStats, _Mapping]] = ..., thinking_tokens: _Optional[int] = ..., answer_tokens: _Optional[int] = ..., thinking_end: _Optional[str] = ..., answer_end: _Optional[str] = ..., resumed_steps: _Optional[int] = ...) -> None: ...
+    prompt_tokens: int
+    def __init__(self, latency_ms: _Optional[float] = ..., steps: _Optional[int] = ..., intervention_rate: _Optional[float] = ..., small: _Optional[_Union[RoleStats, _Mapping]] = ..., large: _Optional[_Union[RoleStats, _Mapping]] = ..., thinking_tokens: _Optional[int] = ..., answer_tokens: _Optional[int] = ..., thinking_end: _Optional[str] = ..., answer_end: _Optional[str] = ..., resumed_steps: _Optional[int] = ..., prompt_tokens: _Optional[int] = ...) -> None: ...
 
 class SessionStarted(_message.Message):
     __slots__ = ("session_id", "turn", "prefix_mode", "resumed_steps", "small_model", "large_model")
