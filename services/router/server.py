@@ -64,9 +64,15 @@ def _set_deadline(context: grpc.aio.ServicerContext, default_s: float) -> None:
 
 
 class RouterServicer(pb_grpc.RouterServicer):
-    def __init__(self, core: RouterCore, settings: RouterSettings) -> None:
-        self.core = core
+    def __init__(self, core: RouterCore | None, settings: RouterSettings) -> None:
+        self._core = core  # None while the server starts: calls get UNAVAILABLE
         self.settings = settings
+
+    @property
+    def core(self) -> RouterCore:
+        if self._core is None:
+            raise RouterError("the router is starting: its worker pools are not connected yet", "UNAVAILABLE")
+        return self._core
 
     async def _events(self, request: pb.ReasonRequest, context):
         _set_deadline(context, self.settings.request_timeout_s)
@@ -162,8 +168,23 @@ class RouterServer:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
-        # The Router service is added only once the pools are known: until then only
-        # health answers, and it says NOT_SERVING.
+        # Serve before the pools are connected, so liveness answers while workers
+        # load their models (minutes on GPUs); Router calls get UNAVAILABLE until then
+        # and readiness stays NOT_SERVING.
+        servicer = RouterServicer(None, self.settings)
+        grpc_input.add_servicer(pb_grpc.add_RouterServicer_to_server, servicer, self.server)
+        await self.server.start()
+        try:
+            await self._connect()
+        except BaseException:
+            await self.server.stop(0)
+            raise
+        servicer._core = self.core
+        await self._update_readiness()
+        self._ready_task = asyncio.create_task(self._readiness_loop())
+        return self.port
+
+    async def _connect(self) -> None:
         with observe.untraced():  # startup probes, and the pools' health loops started here, make no spans
             await asyncio.gather(*(p.start(self.settings.connect_timeout_s) for p in self.pools.values()))
             try:
@@ -171,11 +192,6 @@ class RouterServer:
             except RedisError as exc:  # one clear line, not a traceback (and never the URL's password)
                 raise RouterError(f"Redis at {redact_url(self.settings.redis_url)} did not answer: {exc}", "UNAVAILABLE") from None
         self.core = RouterCore(self.settings, self.store, self.pools["small"], self.pools["large"])
-        grpc_input.add_servicer(pb_grpc.add_RouterServicer_to_server, RouterServicer(self.core, self.settings), self.server)
-        await self.server.start()
-        await self._update_readiness()
-        self._ready_task = asyncio.create_task(self._readiness_loop())
-        return self.port
 
     async def _update_readiness(self) -> None:
         try:
