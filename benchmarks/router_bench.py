@@ -14,11 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import shutil
-import socket
 import statistics
-import subprocess
-import tempfile
 import time
 
 import grpc
@@ -27,16 +23,10 @@ import redis
 from benchmarks.report import write_section
 from glimprouter.v1 import router_pb2 as pb
 from glimprouter.v1 import router_pb2_grpc
-from services.common import procs
+from services.common import procs, redis_local
 
 LEVELS = (1, 16, 64, 256)
 COMMAND = "make bench-router"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cpu_seconds(pid: int) -> float:
@@ -108,22 +98,13 @@ def main() -> int:
     args = ap.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
 
-    exe = shutil.which("redis-server")
-    if exe is None:
-        raise SystemExit("redis-server is not installed (apt-get install redis-server)")
-    port = free_port()
-    tmp = tempfile.mkdtemp(prefix="glimprouter-bench-redis-")
-    rproc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", tmp],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        rs = redis_local.start_private()
+    except RuntimeError as exc:
+        raise SystemExit(str(exc)) from None
     services: list[procs.Service] = []
     try:
-        r = redis.Redis(port=port)
-        for _ in range(100):
-            try:
-                r.ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.05)
+        r = redis.Redis(port=rs.port)
         sim = ["services.worker", "--backend", "sim", "--model", "sim", "--port", "0", "--sim-hard-steps", "1,3"]
         small = procs.start("worker", sim + ["--model-id", "sim-small"], timeout=60)
         large = procs.start("worker", sim + ["--model-id", "sim-large"], timeout=60)
@@ -131,7 +112,7 @@ def main() -> int:
         router = procs.start(
             "router",
             ["services.router", "--port", "0", "--small", small.address, "--large", large.address,
-             "--redis-url", f"redis://127.0.0.1:{port}/0", "--key-prefix", "bench:", "--max-concurrent", "1024"],
+             "--redis-url", rs.url, "--key-prefix", "bench:", "--max-concurrent", "1024"],
             timeout=60,
         )
         services.append(router)
@@ -161,9 +142,7 @@ def main() -> int:
     finally:
         for svc in reversed(services):
             svc.stop()
-        rproc.terminate()
-        rproc.wait(10)
-        shutil.rmtree(tmp, ignore_errors=True)
+        rs.stop()
 
     table = ["| concurrent sessions | steps | overhead p50 (µs) | overhead p99 (µs) | steps/s | router CPU (µs/step) | Redis commands/step (in scripts too) | Redis round trips/step |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|"]

@@ -21,10 +21,7 @@ import asyncio
 import collections
 import os
 import random
-import shutil
 import statistics
-import subprocess
-import tempfile
 import threading
 import time
 
@@ -34,18 +31,10 @@ import redis
 from benchmarks.report import write_section
 from glimprouter.v1 import router_pb2 as pb
 from glimprouter.v1 import router_pb2_grpc, worker_pb2, worker_pb2_grpc
-from services.common import procs
+from services.common import procs, redis_local
 
 COMMAND = "make soak"
 PROMPTS = [f"Question {i}: a shop sells {i + 3} boxes of {2 * i + 5} apples. How many apples?" for i in range(16)]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rss_mb(pid: int) -> float:
@@ -194,22 +183,13 @@ def main() -> int:
     ap.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
     args = ap.parse_args()
 
-    exe = shutil.which("redis-server")
-    if exe is None:
-        raise SystemExit("redis-server is not installed (apt-get install redis-server)")
-    port = free_port()
-    tmp = tempfile.mkdtemp(prefix="glimprouter-soak-redis-")
-    rproc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                              "--dir", tmp], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        rs = redis_local.start_private()
+    except RuntimeError as exc:
+        raise SystemExit(str(exc)) from None
     services: list[procs.Service] = []
     try:
-        r = redis.Redis(port=port)
-        for _ in range(100):
-            try:
-                r.ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.05)
+        r = redis.Redis(port=rs.port)
         sim = ["services.worker", "--backend", "sim", "--model", "sim", "--port", "0", "--sim-hard-steps", "1,3",
                "--metrics-port", "-1"]
         small = procs.start("worker", sim + ["--model-id", "sim-small"], timeout=60)
@@ -217,11 +197,11 @@ def main() -> int:
         services += [small, large]
         router = procs.start("router", [
             "services.router", "--port", "0", "--small", small.address, "--large", large.address,
-            "--redis-url", f"redis://127.0.0.1:{port}/0", "--key-prefix", "soak:", "--max-concurrent", "1024",
+            "--redis-url", rs.url, "--key-prefix", "soak:", "--max-concurrent", "1024",
             "--max-sessions", "100000"], timeout=60)
         services.append(router)
         redis_mem0 = r.info("memory")["used_memory"] / 2**20
-        sampler = Sampler({"redis": rproc.pid, "router": router.proc.pid, "small worker": small.proc.pid,
+        sampler = Sampler({"redis": rs.pid, "router": router.proc.pid, "small worker": small.proc.pid,
                            "large worker": large.proc.pid, "soak client": os.getpid()})
         sampler.start()
         soak = Soak(router.address, args.concurrency, args.duration_s, args.max_sessions, args.timeout_s)
@@ -236,9 +216,7 @@ def main() -> int:
     finally:
         for svc in reversed(services):
             svc.stop()
-        rproc.terminate()
-        rproc.wait(10)
-        shutil.rmtree(tmp, ignore_errors=True)
+        rs.stop()
 
     ov = soak.overheads_us
     errors = ", ".join(f"{k} {v}" for k, v in sorted(soak.errors.items())) or "none"

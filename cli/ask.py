@@ -12,7 +12,6 @@ from cli.config import AskSettings
 from cli.render import Style, boxed, started_line, step_block, summary_line
 from gateway.chat import ChatRequest, Routing
 from gateway.events import AnswerDelta, Done, Started, Step
-from gateway.router_client import RouterClient
 
 
 def parse_params(items: tuple[str, ...] | list[str]) -> dict[str, float]:

@@ -22,7 +22,7 @@ from typing import TextIO
 
 import grpc
 
-from cli import redis_local
+from services.common import redis_local
 from cli.ask import AskSettings, ask, describe_rpc_error
 from cli.config import UpSettings
 from cli.render import Style

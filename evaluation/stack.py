@@ -9,18 +9,11 @@ tokens, glimpse time) and the step-level analysis.
 from __future__ import annotations
 
 import shlex
-import shutil
-import socket
-import subprocess
-import tempfile
-import time
 import urllib.request
 import uuid
 from dataclasses import dataclass, field
 
-import redis
-
-from services.common import procs
+from services.common import procs, redis_local
 from services.worker import models
 
 
@@ -48,21 +41,15 @@ class Stack:
     metrics: dict[str, str] = field(default_factory=dict)  # role -> http://.../metrics
     models: dict[str, str] = field(default_factory=dict)  # role -> model id (as configured)
     _services: list[procs.Service] = field(default_factory=list)
-    _redis: subprocess.Popen | None = None
-    _redis_dir: str = ""
+    _redis: redis_local.PrivateRedis | None = None
 
     def close(self) -> None:
         for svc in reversed(self._services):
             svc.stop()
         self._services.clear()
         if self._redis is not None:
-            self._redis.terminate()
-            try:
-                self._redis.wait(10)
-            except subprocess.TimeoutExpired:
-                self._redis.kill()
+            self._redis.stop()
             self._redis = None
-            shutil.rmtree(self._redis_dir, ignore_errors=True)
 
     def __enter__(self) -> "Stack":
         return self
@@ -71,33 +58,12 @@ class Stack:
         self.close()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _private_redis(stack: Stack) -> str:
-    exe = shutil.which("redis-server")
-    if exe is None:
-        raise StackError("redis-server is not installed (apt-get install redis-server), and no --redis-url was given")
-    port = free_port()
-    stack._redis_dir = tempfile.mkdtemp(prefix="glimprouter-eval-redis-")
-    stack._redis = subprocess.Popen(
-        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", stack._redis_dir],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    client = redis.Redis(port=port)
     try:
-        for _ in range(200):
-            try:
-                client.ping()
-                return f"redis://127.0.0.1:{port}/0"
-            except redis.ConnectionError:
-                time.sleep(0.05)
-    finally:
-        client.close()
-    raise StackError("the private redis-server did not start")
+        stack._redis = redis_local.start_private()
+    except RuntimeError as exc:
+        raise StackError(f"{exc}; or give --redis-url") from None
+    return stack._redis.url
 
 
 def _worker_args(role: str, model: str, opts: StackOptions) -> list[str]:

@@ -10,7 +10,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -25,6 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from glimprouter.v1 import router_pb2_grpc
 from services.common import procs
+from services.common.redis_local import free_port
 from services.worker import models
 
 
@@ -56,13 +56,6 @@ def qwen_large_path() -> Path:
 # back on the same port, with an append-only file fsynced on every write, so what a
 # router stored survives a crash of Redis the way it would in production (a Redis
 # without persistence loses everything on restart and would prove nothing).
-
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RedisProc:

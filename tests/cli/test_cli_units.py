@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from cli import redis_local
+from services.common import redis_local
 from cli.__main__ import _parser, main
 from cli.ask import AskSettings, Printer, build_request, parse_params
 from cli.render import Style, session_table, step_block, summary_line

@@ -18,7 +18,7 @@ from glimprouter.v1 import router_pb2 as pb
 from glimprouter.v1 import router_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from cli import redis_local
+from services.common import redis_local
 from services.common import procs
 
 STEPS = [

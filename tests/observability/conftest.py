@@ -3,7 +3,6 @@ a private Redis, and sim workers, routers and a gateway as child processes that
 export their spans to the receiver over OTLP/gRPC."""
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from concurrent import futures
@@ -14,8 +13,8 @@ import grpc
 import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
-from cli import redis_local
-from services.common import procs
+from services.common import procs, redis_local
+from services.common.redis_local import free_port
 
 
 @dataclass
@@ -97,12 +96,6 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
                 names = sorted({(s.service, s.name) for s in spans})
                 pytest.fail(f"spans did not arrive in {timeout:.0f}s; received {len(spans)}: {names[:60]}")
             time.sleep(0.1)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def otel_env(receiver: Receiver, **extra: str) -> dict[str, str]:

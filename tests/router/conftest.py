@@ -7,10 +7,6 @@ the shared instance on 6379 and may look at every key.
 from __future__ import annotations
 
 import shutil
-import socket
-import subprocess
-import tempfile
-import time
 import uuid
 from types import SimpleNamespace
 
@@ -19,42 +15,16 @@ import pytest
 import redis
 
 from glimprouter.v1 import router_pb2_grpc
-from services.common import procs
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from services.common import procs, redis_local
 
 
 @pytest.fixture(scope="session")
 def redis_url():
-    exe = shutil.which("redis-server")
-    if exe is None:
+    if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed (apt-get install redis-server)")
-    port = _free_port()
-    workdir = tempfile.mkdtemp(prefix="glimprouter-redis-")
-    proc = subprocess.Popen(
-        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", workdir],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    client = redis.Redis(port=port)
-    for _ in range(100):
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            time.sleep(0.05)
-    else:
-        proc.kill()
-        pytest.fail("private redis-server did not start")
-    yield f"redis://127.0.0.1:{port}/0"
-    client.close()
-    proc.terminate()
-    proc.wait(10)
-    shutil.rmtree(workdir, ignore_errors=True)
+    r = redis_local.start_private()
+    yield r.url
+    r.stop()
 
 
 @pytest.fixture

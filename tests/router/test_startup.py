@@ -13,15 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from glimprouter.v1 import router_pb2 as pb
 from glimprouter.v1 import router_pb2_grpc
 from services.common import procs
-
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from services.common.redis_local import free_port as _free_port
 
 
 def _status(stub, name: str):

@@ -1,5 +1,6 @@
-"""Redis for `glimprouter up`: the configured one when it answers, else a private
-`redis-server` on a free port in a temporary directory, owned and stopped by us."""
+"""Redis helpers for local runs: whether a URL answers, a printable URL, and a private
+`redis-server` on a free port in a temporary directory (for `glimprouter up`, the
+benchmarks, the evaluation stack and the tests), owned and stopped by its caller."""
 from __future__ import annotations
 
 import os
