@@ -39,6 +39,8 @@ from services.router.worker_client import WorkerClient
 from services.worker.types import (
     EntropyMethod,
     FinishReason,
+    Gate,
+    GenerateRequest,
     Generation,
     Glimpse,
     SamplingParams,
@@ -134,19 +136,19 @@ class _Ctx:
         finally:
             self.worker_ms += (time.perf_counter() - t0) * 1e3
 
+    def _request(self, role: Role, return_entropies: bool = False) -> GenerateRequest:
+        return GenerateRequest(
+            self._prefix(role), self.sampling, self.stop, self.loop.state.session_id, return_entropies, self.top_k
+        )
+
     async def glimpse(self) -> Glimpse:
         return await self._timed(self.loop.small.glimpse(self._prefix(Role.SMALL), self.top_k))
 
     async def write(self, role: Role, return_entropies: bool = False) -> Generation:
-        worker = self.loop.worker(role)
-        return await self._timed(
-            worker.generate(self._prefix(role), self.sampling, self.stop, return_entropies, self.top_k)
-        )
+        return await self._timed(self.loop.worker(role).generate(self._request(role, return_entropies)))
 
     async def fused_step(self, threshold: float) -> StepResult:
-        return await self._timed(
-            self.loop.small.step(self._prefix(Role.SMALL), self.method, threshold, self.top_k, self.sampling, self.stop)
-        )
+        return await self._timed(self.loop.small.step(self._request(Role.SMALL), Gate(self.method, threshold)))
 
     async def score(self, draft: Generation, judge_text: str, top_k: int) -> Glimpse:
         large = self.loop.large
@@ -345,7 +347,8 @@ class StepLoop:
         stop = StopParams(step_boundary="", stop=(), stop_on_eos=True)
         final: Generation | None = None
         worker_t0 = time.perf_counter()
-        async for chunk in worker.generate_stream(st.prefixes[view] + join[view], sampling, stop):
+        req = GenerateRequest(st.prefixes[view] + join[view], sampling, stop, st.session_id)
+        async for chunk in worker.generate_stream(req):
             if chunk.text:
                 yield AnswerDelta(chunk.text, role.value)
             if chunk.final is not None:

@@ -10,17 +10,7 @@ import abc
 from typing import AsyncIterator, Sequence
 
 from services.worker.engine import CancelToken, Engine
-from services.worker.types import (
-    ChatMessage,
-    Chunk,
-    EntropyMethod,
-    Generation,
-    Glimpse,
-    ModelInfo,
-    SamplingParams,
-    StepResult,
-    StopParams,
-)
+from services.worker.types import ChatMessage, Chunk, Gate, GenerateRequest, Generation, Glimpse, ModelInfo, StepResult
 
 
 class WorkerClient(abc.ABC):
@@ -40,36 +30,14 @@ class WorkerClient(abc.ABC):
     async def glimpse(self, prompt: list[int], top_k: int) -> Glimpse: ...
 
     @abc.abstractmethod
-    async def step(
-        self,
-        prompt: list[int],
-        method: EntropyMethod,
-        threshold: float,
-        top_k: int,
-        sampling: SamplingParams,
-        stop: StopParams,
-    ) -> StepResult: ...
+    async def step(self, req: GenerateRequest, gate: Gate) -> StepResult: ...
 
     @abc.abstractmethod
-    async def generate(
-        self,
-        prompt: list[int],
-        sampling: SamplingParams,
-        stop: StopParams,
-        return_entropies: bool = False,
-        top_k: int = 20,
-    ) -> Generation: ...
+    async def generate(self, req: GenerateRequest) -> Generation: ...
 
-    def generate_stream(
-        self, prompt: list[int], sampling: SamplingParams, stop: StopParams
-    ) -> AsyncIterator[Chunk]:
-        """Streamed generation; the last chunk carries `final`. Default: one chunk."""
-
-        async def one() -> AsyncIterator[Chunk]:
-            gen = await self.generate(prompt, sampling, stop)
-            yield Chunk(gen.token_ids, gen.text, [], gen)
-
-        return one()
+    @abc.abstractmethod
+    def generate_stream(self, req: GenerateRequest) -> AsyncIterator[Chunk]:
+        """Streamed generation; the last chunk carries `final`."""
 
 
 class EngineClient(WorkerClient):
@@ -89,16 +57,14 @@ class EngineClient(WorkerClient):
     async def glimpse(self, prompt, top_k):
         return await self.engine.glimpse(list(prompt), top_k, self.session_id, CancelToken())
 
-    async def step(self, prompt, method, threshold, top_k, sampling, stop):
-        return await self.engine.step(list(prompt), method, threshold, top_k, sampling, stop, self.session_id, CancelToken())
+    async def step(self, req, gate):
+        return await self.engine.step_full(req, gate, CancelToken())
 
-    async def generate(self, prompt, sampling, stop, return_entropies=False, top_k=20):
-        return await self.engine.generate_full(
-            list(prompt), sampling, stop, self.session_id, CancelToken(), return_entropies, top_k
-        )
+    async def generate(self, req):
+        return await self.engine.generate_full(req, CancelToken())
 
-    def generate_stream(self, prompt, sampling, stop):
-        return self.engine.generate(list(prompt), sampling, stop, self.session_id, CancelToken())
+    def generate_stream(self, req):
+        return self.engine.generate(req, CancelToken())
 
 
 class LocalPool:

@@ -30,21 +30,8 @@ from services.common.tls import ClientTLS, aio_channel
 from services.router import observe
 from services.router.types import InvalidArgument, RouterError, WorkersUnavailable
 from services.router.worker_client import WorkerClient
-from services.worker.types import (
-    Chunk,
-    Decision,
-    EntropyMethod,
-    FinishReason,
-    Generation,
-    Glimpse,
-    ModelInfo,
-    SamplingParams,
-    StepResult,
-    StopParams,
-    Timings,
-    TokenLogprob,
-    Usage,
-)
+from services.worker import protomap
+from services.worker.types import Chunk, ModelInfo
 
 log = logging.getLogger("glimprouter.router.workers")
 
@@ -57,61 +44,6 @@ _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}
 
 class DeadlineExceeded(RouterError):
     code = "DEADLINE_EXCEEDED"
-
-
-# ---- protobuf -> dataclasses ------------------------------------------------------------
-_FINISH = {
-    pb.FINISH_REASON_STEP_END: FinishReason.STEP_END,
-    pb.FINISH_REASON_EOS: FinishReason.EOS,
-    pb.FINISH_REASON_LENGTH: FinishReason.LENGTH,
-    pb.FINISH_REASON_STOP: FinishReason.STOP,
-    pb.FINISH_REASON_CANCELLED: FinishReason.CANCELLED,
-    pb.FINISH_REASON_CONTEXT: FinishReason.CONTEXT,
-}
-
-
-def _usage(u: pb.Usage) -> Usage:
-    return Usage(u.prompt_tokens, u.cached_tokens, u.prefilled_tokens, u.generated_tokens)
-
-
-def _timings(t: pb.Timings) -> Timings:
-    return Timings(t.queue_ms, t.prefill_ms, t.decode_ms, t.total_ms)
-
-
-def model_info(m: pb.ModelInfo) -> ModelInfo:
-    return ModelInfo(
-        m.model_id, m.backend, m.vocab_size, m.context_length, tuple(m.eos_token_ids), m.bos_token_id,
-        m.has_chat_template, m.tokenizer_fingerprint, m.think_start, m.think_end,
-    )
-
-
-def glimpse(g: pb.GlimpseResponse) -> Glimpse:
-    top = [TokenLogprob(t.token_id, t.text, t.logprob) for t in g.top]
-    return Glimpse(g.token_id, g.token_text, g.entropy_full, g.entropy_top_k, top, _usage(g.usage), _timings(g.timings))
-
-
-def generation(g: pb.GenerateResponse) -> Generation:
-    return Generation(
-        list(g.token_ids), g.text, _FINISH.get(g.finish_reason, FinishReason.LENGTH), _usage(g.usage),
-        _timings(g.timings), list(g.entropies), g.matched_stop,
-    )
-
-
-def _sampling(s: SamplingParams) -> pb.Sampling:
-    out = pb.Sampling(temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens)
-    if s.top_k:
-        out.top_k = s.top_k
-    if s.seed is not None:
-        out.seed = s.seed
-    return out
-
-
-def _stop(s: StopParams) -> pb.StopCondition:
-    return pb.StopCondition(step_boundary=s.step_boundary, stop=list(s.stop), stop_on_eos=s.stop_on_eos)
-
-
-def _prompt(ids: Sequence[int]) -> pb.Prompt:
-    return pb.Prompt(token_ids=pb.TokenIds(ids=ids))
 
 
 # ---- endpoints and pools ------------------------------------------------------------------
@@ -208,7 +140,7 @@ class WorkerPool:
             except grpc.aio.AioRpcError as exc:
                 log.warning("%s worker %s did not answer: %s", self.role, ep.address, exc.details())
                 return False
-            ep.info = model_info(m)
+            ep.info = protomap.model_info_from_pb(m)
             return True
 
         pending = {asyncio.create_task(probe(ep)) for ep in self.endpoints}
@@ -243,7 +175,7 @@ class WorkerPool:
             r = await ep.health.Check(health_pb2.HealthCheckRequest(service=""), timeout=max(0.5, self.health_interval_s / 2))
             serving = r.status == health_pb2.HealthCheckResponse.SERVING
             if serving and ep.info is None:
-                ep.info = model_info(await ep.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=5))
+                ep.info = protomap.model_info_from_pb(await ep.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=5))
             ok = serving and self._compatible(ep)
         except grpc.aio.AioRpcError:
             ok = False
@@ -370,47 +302,16 @@ class BoundWorker(WorkerClient):
         return list((await self._call("Tokenize", pb.TokenizeRequest(text=text))).token_ids)
 
     async def glimpse(self, prompt, top_k):
-        r = await self._call("Glimpse", pb.GlimpseRequest(prompt=_prompt(prompt), top_k=top_k, session_id=self.session_id))
-        return glimpse(r)
+        r = await self._call("Glimpse", protomap.glimpse_request_to_pb(prompt, top_k, self.session_id))
+        return protomap.glimpse_from_pb(r)
 
-    async def step(self, prompt, method, threshold, top_k, sampling, stop):
-        req = pb.StepRequest(
-            prompt=_prompt(prompt),
-            entropy_method=pb.ENTROPY_METHOD_FULL if method is EntropyMethod.FULL else pb.ENTROPY_METHOD_TOP_K,
-            threshold=threshold,
-            top_k=top_k,
-            sampling=_sampling(sampling),
-            stop=_stop(stop),
-            session_id=self.session_id,
-        )
-        r = await self._call("Step", req)
-        keep = r.decision == pb.STEP_DECISION_KEEP
-        return StepResult(
-            Decision.KEEP if keep else Decision.ESCALATE,
-            r.entropy,
-            glimpse(r.glimpse),
-            generation(r.generation) if keep else None,
-        )
+    async def step(self, req, gate):
+        return protomap.step_from_pb(await self._call("Step", protomap.step_request_to_pb(req, gate)))
 
-    def _gen_request(self, prompt, sampling, stop, return_entropies=False, top_k=20) -> pb.GenerateRequest:
-        return pb.GenerateRequest(
-            prompt=_prompt(prompt), sampling=_sampling(sampling), stop=_stop(stop), session_id=self.session_id,
-            return_entropies=return_entropies, top_k=top_k,
-        )
+    async def generate(self, req):
+        return protomap.generation_from_pb(await self._call("Generate", protomap.generate_request_to_pb(req)))
 
-    async def generate(self, prompt, sampling, stop, return_entropies=False, top_k=20):
-        return generation(await self._call("Generate", self._gen_request(prompt, sampling, stop, return_entropies, top_k)))
-
-    async def generate_stream(self, prompt, sampling, stop) -> AsyncIterator[Chunk]:
-        ids: list[int] = []
-        text: list[str] = []
-        async for c in self.pool.stream(self.session_id, self.affinity, self._gen_request(prompt, sampling, stop)):
-            ids.extend(c.token_ids)
-            text.append(c.text)
-            final = None
-            if c.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
-                final = Generation(
-                    ids, "".join(text), _FINISH.get(c.finish_reason, FinishReason.LENGTH), _usage(c.usage),
-                    _timings(c.timings), [], c.matched_stop,
-                )
-            yield Chunk(list(c.token_ids), c.text, list(c.entropies), final)
+    async def generate_stream(self, req) -> AsyncIterator[Chunk]:
+        reader = protomap.ChunkReader()
+        async for c in self.pool.stream(self.session_id, self.affinity, protomap.generate_request_to_pb(req)):
+            yield reader.read(c)

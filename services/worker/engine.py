@@ -1,4 +1,5 @@
-"""The engine interface every backend implements (llama.cpp, TensorRT-LLM, sim).
+"""The engine interface every backend implements (llama.cpp and sim through the
+batching scheduler, TensorRT-LLM directly).
 
 The gRPC servicer is a thin layer over this: it validates requests, converts
 protobuf to the dataclasses in `types`, and calls an Engine. Engines may assume
@@ -13,13 +14,13 @@ from typing import AsyncIterator, Sequence
 from services.worker.types import (
     ChatMessage,
     Chunk,
-    EntropyMethod,
+    Decided,
+    Gate,
+    GenerateRequest,
     Generation,
     Glimpse,
     ModelInfo,
-    SamplingParams,
     StepResult,
-    StopParams,
 )
 
 
@@ -50,6 +51,10 @@ class Engine(abc.ABC):
     async def close(self) -> None:
         """Release the model."""
 
+    def describe(self) -> str:
+        """What the engine runs with (threads, batch, ...), for the start line."""
+        return ""
+
     @abc.abstractmethod
     def render_prompt(
         self, messages: Sequence[ChatMessage], add_generation_prompt: bool, continue_final_message: bool
@@ -69,47 +74,32 @@ class Engine(abc.ABC):
         """The next token's distribution after `prompt`; generates nothing."""
 
     @abc.abstractmethod
-    async def step(
-        self,
-        prompt: list[int],
-        method: EntropyMethod,
-        threshold: float,
-        top_k: int,
-        sampling: SamplingParams,
-        stop: StopParams,
-        session_id: str,
-        cancel: CancelToken,
-    ) -> StepResult:
-        """Glimpse; ESCALATE when entropy >= threshold, else write the step whose first
-        token is sampled from the glimpsed distribution."""
+    def step(self, req: GenerateRequest, gate: Gate, cancel: CancelToken) -> AsyncIterator[Decided | Chunk]:
+        """Glimpse and decide: yields a Decided first; on KEEP the step follows as Chunks
+        (its first token sampled from the glimpsed distribution), the last with `final`."""
 
     @abc.abstractmethod
-    def generate(
-        self,
-        prompt: list[int],
-        sampling: SamplingParams,
-        stop: StopParams,
-        session_id: str,
-        cancel: CancelToken,
-        return_entropies: bool = False,
-        top_k: int = 20,
-    ) -> AsyncIterator[Chunk]:
+    def generate(self, req: GenerateRequest, cancel: CancelToken) -> AsyncIterator[Chunk]:
         """Stream chunks; the last one carries `final`."""
 
-    async def generate_full(
-        self,
-        prompt: list[int],
-        sampling: SamplingParams,
-        stop: StopParams,
-        session_id: str,
-        cancel: CancelToken,
-        return_entropies: bool = False,
-        top_k: int = 20,
-    ) -> Generation:
+    # ---- whole results, for unary calls ----------------------------------------------
+    async def generate_full(self, req: GenerateRequest, cancel: CancelToken) -> Generation:
         final: Generation | None = None
-        async for chunk in self.generate(prompt, sampling, stop, session_id, cancel, return_entropies, top_k):
+        async for chunk in self.generate(req, cancel):
             if chunk.final is not None:
                 final = chunk.final
         if final is None:  # a backend bug, not a user error
             raise RuntimeError("engine stream ended without a final chunk")
         return final
+
+    async def step_full(self, req: GenerateRequest, gate: Gate, cancel: CancelToken) -> StepResult:
+        head: Decided | None = None
+        final: Generation | None = None
+        async for item in self.step(req, gate, cancel):
+            if isinstance(item, Decided):
+                head = item
+            elif item.final is not None:
+                final = item.final
+        if head is None:
+            raise RuntimeError("engine step ended without a decision")
+        return StepResult(head.decision, head.entropy, head.glimpse, final)

@@ -11,8 +11,9 @@ import grpc
 
 from glimprouter.v1 import worker_pb2 as pb
 from glimprouter.v1 import worker_pb2_grpc as pb_grpc
-from services.worker import convert, observe, validation as v
+from services.worker import observe, protomap, validation as v
 from services.worker.engine import CancelToken, Engine, EngineError
+from services.worker.types import Decided, Gate, GenerateRequest
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +57,22 @@ class WorkerServicer(pb_grpc.ModelWorkerServicer):
     def _prompt(self, prompt: pb.Prompt) -> list[int]:
         return v.prompt_ids(prompt, self.limits, lambda text: self.engine.tokenize(text, add_bos=True))
 
+    def _generate_request(self, request: pb.GenerateRequest | pb.StepRequest, return_entropies: bool = False) -> GenerateRequest:
+        return GenerateRequest(
+            prompt=self._prompt(request.prompt),
+            sampling=v.sampling(request.sampling),
+            stop=v.stop(request.stop),
+            session_id=v.session_id(request.session_id),
+            return_entropies=return_entropies,
+            top_k=v.top_k(request.top_k),
+        )
+
+    def _step_args(self, request: pb.StepRequest) -> tuple[GenerateRequest, Gate]:
+        req = self._generate_request(request)
+        return req, Gate(v.entropy_method(request.entropy_method), v.threshold(request.threshold))
+
     async def GetModelInfo(self, request, context):
-        return convert.model_info(self.engine.info)
+        return protomap.model_info_to_pb(self.engine.info)
 
     async def RenderPrompt(self, request: pb.RenderPromptRequest, context):
         async with self._call(context, "RenderPrompt") as out:
@@ -76,56 +91,61 @@ class WorkerServicer(pb_grpc.ModelWorkerServicer):
             prompt = self._prompt(request.prompt)
             k = v.top_k(request.top_k)
             sid = v.session_id(request.session_id)
-            out.append(convert.glimpse(await self.engine.glimpse(prompt, k, sid, CancelToken())))
+            cancel = CancelToken()
+            try:
+                out.append(protomap.glimpse_to_pb(await self.engine.glimpse(prompt, k, sid, cancel)))
+            finally:
+                cancel.cancel()
             return out[-1]
 
     async def Step(self, request: pb.StepRequest, context):
         async with self._call(context, "Step") as out:
-            args = (
-                self._prompt(request.prompt),
-                v.entropy_method(request.entropy_method),
-                v.threshold(request.threshold),
-                v.top_k(request.top_k),
-                v.sampling(request.sampling),
-                v.stop(request.stop),
-                v.session_id(request.session_id),
-            )
+            req, gate = self._step_args(request)
             cancel = CancelToken()
             try:
-                out.append(convert.step(await self.engine.step(*args, cancel)))
+                out.append(protomap.step_to_pb(await self.engine.step_full(req, gate, cancel)))
                 return out[-1]
             finally:
                 cancel.cancel()  # a cancelled RPC stops the decode loop between tokens
 
-    def _generate_args(self, request: pb.GenerateRequest):
-        return (
-            self._prompt(request.prompt),
-            v.sampling(request.sampling),
-            v.stop(request.stop),
-            v.session_id(request.session_id),
-        )
+    async def StepStream(self, request: pb.StepRequest, context) -> AsyncIterator[pb.StepChunk]:
+        async with self._call(context, "StepStream") as out:
+            req, gate = self._step_args(request)
+            cancel = CancelToken()
+            stream = self.engine.step(req, gate, cancel)
+            try:
+                async for item in stream:
+                    if isinstance(item, Decided):
+                        msg = protomap.decided_to_pb(item)
+                        out[:] = [msg]  # metrics read the head, then the final chunk
+                    else:
+                        msg = pb.StepChunk(chunk=protomap.chunk_to_pb(item))
+                        if item.final is not None:
+                            out[:] = [msg]
+                    yield msg
+            finally:
+                cancel.cancel()
+                await stream.aclose()
 
     async def Generate(self, request: pb.GenerateRequest, context):
         async with self._call(context, "Generate") as out:
-            prompt, sampling, stop, sid = self._generate_args(request)
+            req = self._generate_request(request, request.return_entropies)
             cancel = CancelToken()
             try:
-                gen = await self.engine.generate_full(
-                    prompt, sampling, stop, sid, cancel, request.return_entropies, v.top_k(request.top_k)
-                )
+                gen = await self.engine.generate_full(req, cancel)
             finally:
                 cancel.cancel()
-            out.append(convert.generation(gen))
+            out.append(protomap.generation_to_pb(gen))
             return out[-1]
 
     async def GenerateStream(self, request: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateChunk]:
         async with self._call(context, "GenerateStream") as out:
-            prompt, sampling, stop, sid = self._generate_args(request)
+            req = self._generate_request(request, request.return_entropies)
             cancel = CancelToken()
-            stream = self.engine.generate(prompt, sampling, stop, sid, cancel, request.return_entropies, v.top_k(request.top_k))
+            stream = self.engine.generate(req, cancel)
             try:
                 async for c in stream:
-                    out[:] = [convert.chunk(c)]  # metrics read the last (final) chunk
+                    out[:] = [protomap.chunk_to_pb(c)]  # metrics read the last (final) chunk
                     yield out[-1]
             finally:
                 cancel.cancel()

@@ -49,6 +49,26 @@ class StopParams:
     stop_on_eos: bool = True
 
 
+@dataclass(frozen=True)
+class GenerateRequest:
+    """One generation's arguments: what Generate, GenerateStream and Step share."""
+
+    prompt: tuple[int, ...] | list[int]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: StopParams = field(default_factory=StopParams)
+    session_id: str = ""  # a hint: the worker keeps this session's KV state warm
+    return_entropies: bool = False  # top-k entropy of every generated token's distribution
+    top_k: int = DEFAULT_TOP_K  # tokens the entropies (and a Step's glimpse) are computed over
+
+
+@dataclass(frozen=True)
+class Gate:
+    """A Step's rule: ESCALATE when the glimpsed entropy (by `method`) is >= threshold."""
+
+    method: EntropyMethod = EntropyMethod.TOP_K
+    threshold: float = float("inf")
+
+
 @dataclass
 class Usage:
     prompt_tokens: int = 0
@@ -105,6 +125,16 @@ class Chunk:
     text: str
     entropies: list[float] = field(default_factory=list)
     final: Generation | None = None
+
+
+@dataclass
+class Decided:
+    """The head of a streamed Step: what the glimpse saw and what was decided.
+    On KEEP the step's Chunks follow; on ESCALATE nothing does."""
+
+    decision: Decision
+    entropy: float
+    glimpse: Glimpse
 
 
 @dataclass

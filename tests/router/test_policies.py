@@ -14,7 +14,7 @@ from services.router.store import SessionStore
 from services.router.types import ChatTurn, ReasonRequest, StepDone
 from services.router.worker_client import LocalPool
 from services.worker.backends.sim import SimModel
-from services.worker.logits_engine import LogitsEngine
+from services.worker.scheduler import Scheduler
 
 HARD = {1, 3}
 SIM_STEPS = 6  # then the "</think>" step
@@ -112,7 +112,7 @@ async def test_adaptive_holds_its_target_share(redis_url, key_prefix, hard_fract
     share = target + c_T / (eta T); the correction ends within a few eta of zero, so the
     share lands within a few steps of the target: 0.05 is 3 steps in 60."""
     store = SessionStore.from_url(redis_url, key_prefix, 600, 5000, 100)
-    sims = [LogitsEngine(SimModel(m, seed=4, steps=60, step_tokens=3, hard_fraction=hard_fraction)) for m in ("s", "l")]
+    sims = [Scheduler(SimModel(m, seed=4, steps=60, step_tokens=3, hard_fraction=hard_fraction)) for m in ("s", "l")]
     core = RouterCore(RouterSettings(), store, LocalPool(sims[0]), LocalPool(sims[1]))
     req = ReasonRequest(messages=[ChatTurn("user", "hi")])
     req.options.routing.policy = "adaptive"

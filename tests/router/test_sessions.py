@@ -16,7 +16,7 @@ from services.router.store import SessionStore, unpack_ids
 from services.router.types import ChatTurn, InvalidArgument, LimitExceeded, ReasonRequest, StepDone
 from services.router.worker_client import LocalPool
 from services.worker.backends.sim import SimModel
-from services.worker.logits_engine import LogitsEngine
+from services.worker.scheduler import Scheduler
 
 
 SLOW_STEPS = 8  # each ~8 tokens x 25 ms: a session takes ~2 s, long enough to interfere with
@@ -316,7 +316,7 @@ def test_a_dead_replica_is_skipped_and_a_failed_one_is_left(slow_pair, redis_url
 # ---- limits (in-process core over sim engines, real Redis) -----------------------------------------
 def _core(redis_url, key_prefix, **settings):
     store = SessionStore.from_url(redis_url, key_prefix, 600, 5000, settings.pop("max_sessions", 100))
-    sims = [LocalPool(LogitsEngine(SimModel(m, hard_steps={1}))) for m in ("s", "l")]
+    sims = [LocalPool(Scheduler(SimModel(m, hard_steps={1}))) for m in ("s", "l")]
     return RouterCore(RouterSettings(**settings), store, *sims), store
 
 

@@ -121,8 +121,13 @@ def test_kv_reuse_extending_prompt_and_interleaved_sessions(worker_stub):
 def test_streaming_concatenates_to_unary(worker_stub):
     prompt = render(worker_stub)
     req = pb.GenerateRequest(prompt=ids(prompt), sampling=pb.Sampling(max_tokens=48), stop=pb.StopCondition(step_boundary=""))
+    worker_stub.Generate(req)
+    # Both calls below find the prompt cached up to its last token and evaluate that
+    # token alone: the same pieces, so the same greedy tokens (llama.cpp rounds a
+    # prompt evaluated whole and one evaluated in pieces differently).
     unary = worker_stub.Generate(req)
     chunks = list(worker_stub.GenerateStream(req))
+    assert unary.usage.cached_tokens == len(prompt) - 1
     assert sum((list(c.token_ids) for c in chunks), []) == list(unary.token_ids)
     assert "".join(c.text for c in chunks) == unary.text
     assert chunks[-1].finish_reason == unary.finish_reason == pb.FINISH_REASON_LENGTH

@@ -238,6 +238,18 @@ class StepResponse(_message.Message):
     generation: GenerateResponse
     def __init__(self, decision: _Optional[_Union[StepDecision, str]] = ..., entropy: _Optional[float] = ..., glimpse: _Optional[_Union[GlimpseResponse, _Mapping]] = ..., generation: _Optional[_Union[GenerateResponse, _Mapping]] = ...) -> None: ...
 
+class StepChunk(_message.Message):
+    __slots__ = ("decision", "entropy", "glimpse", "chunk")
+    DECISION_FIELD_NUMBER: _ClassVar[int]
+    ENTROPY_FIELD_NUMBER: _ClassVar[int]
+    GLIMPSE_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    decision: StepDecision
+    entropy: float
+    glimpse: GlimpseResponse
+    chunk: GenerateChunk
+    def __init__(self, decision: _Optional[_Union[StepDecision, str]] = ..., entropy: _Optional[float] = ..., glimpse: _Optional[_Union[GlimpseResponse, _Mapping]] = ..., chunk: _Optional[_Union[GenerateChunk, _Mapping]] = ...) -> None: ...
+
 class GenerateRequest(_message.Message):
     __slots__ = ("prompt", "sampling", "stop", "session_id", "return_entropies", "top_k")
     PROMPT_FIELD_NUMBER: _ClassVar[int]

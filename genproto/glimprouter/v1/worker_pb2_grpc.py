@@ -59,6 +59,11 @@ class ModelWorkerStub:
                 request_serializer=glimprouter_dot_v1_dot_worker__pb2.StepRequest.SerializeToString,
                 response_deserializer=glimprouter_dot_v1_dot_worker__pb2.StepResponse.FromString,
                 _registered_method=True)
+        self.StepStream = channel.unary_stream(
+                '/glimprouter.v1.ModelWorker/StepStream',
+                request_serializer=glimprouter_dot_v1_dot_worker__pb2.StepRequest.SerializeToString,
+                response_deserializer=glimprouter_dot_v1_dot_worker__pb2.StepChunk.FromString,
+                _registered_method=True)
         self.Generate = channel.unary_unary(
                 '/glimprouter.v1.ModelWorker/Generate',
                 request_serializer=glimprouter_dot_v1_dot_worker__pb2.GenerateRequest.SerializeToString,
@@ -111,6 +116,16 @@ class ModelWorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StepStream(self, request, context):
+        """The same Step, streamed: the first message carries the glimpse and the
+        decision (a router reports who writes the step before it is written); on
+        KEEP the step's tokens follow as chunks, the last one with the finish
+        reason, usage and timings, as GenerateStream sends them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Generate(self, request, context):
         """Generate until a step boundary, a stop string, EOS or max_tokens.
         """
@@ -153,6 +168,11 @@ def add_ModelWorkerServicer_to_server(servicer, server):
                     servicer.Step,
                     request_deserializer=glimprouter_dot_v1_dot_worker__pb2.StepRequest.FromString,
                     response_serializer=glimprouter_dot_v1_dot_worker__pb2.StepResponse.SerializeToString,
+            ),
+            'StepStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.StepStream,
+                    request_deserializer=glimprouter_dot_v1_dot_worker__pb2.StepRequest.FromString,
+                    response_serializer=glimprouter_dot_v1_dot_worker__pb2.StepChunk.SerializeToString,
             ),
             'Generate': grpc.unary_unary_rpc_method_handler(
                     servicer.Generate,
@@ -300,6 +320,33 @@ class ModelWorker:
             '/glimprouter.v1.ModelWorker/Step',
             glimprouter_dot_v1_dot_worker__pb2.StepRequest.SerializeToString,
             glimprouter_dot_v1_dot_worker__pb2.StepResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StepStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/glimprouter.v1.ModelWorker/StepStream',
+            glimprouter_dot_v1_dot_worker__pb2.StepRequest.SerializeToString,
+            glimprouter_dot_v1_dot_worker__pb2.StepChunk.FromString,
             options,
             channel_credentials,
             insecure,

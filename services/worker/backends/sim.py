@@ -2,8 +2,8 @@
 
 It writes a scripted chain of thought whose step starts are easy or hard on
 purpose, so the router's decisions, handoffs and throughput can be measured
-without a model. Latency is simulated with sleeps (per prefilled and per decoded
-token).
+without a model. Latency is simulated with sleeps: one decode step per batch, whatever
+the number of sequences in it (as on a GPU), plus a cost per prefilled token.
 
 Vocabulary (512 tokens, the same in every SimModel, so a small and a large sim
 share a tokenizer fingerprint and can hand token ids to each other): 6 special
@@ -31,12 +31,11 @@ from __future__ import annotations
 
 import re
 import time
-from collections import OrderedDict
 from typing import Iterable, Sequence
 
 import numpy as np
 
-from services.worker.logits_engine import Prefill, TokenModel
+from services.worker.batch import Batch, BatchModel
 from services.worker.types import ChatMessage
 
 EOS, BOS, IM_START, IM_END, THINK, THINK_END = range(6)
@@ -120,7 +119,7 @@ class _Context:
             self.end = n
 
 
-class SimModel(TokenModel):
+class SimModel(BatchModel):
     backend = "sim"
     vocab_size = VOCAB_SIZE
     eos_token_ids = (EOS,)
@@ -141,7 +140,8 @@ class SimModel(TokenModel):
         hard_fraction: float = 0.0,
         answer_tokens: int = 4,
         context_length: int = 32768,
-        max_sessions: int = 256,
+        n_seq: int = 4,
+        n_batch: int = 512,
     ) -> None:
         if step_tokens < 2:
             raise ValueError("step_tokens must be >= 2: a step needs text before its boundary")
@@ -155,13 +155,13 @@ class SimModel(TokenModel):
         self.hard_fraction = hard_fraction
         self.answer_tokens = answer_tokens
         self.context_length = context_length
-        self._max_sessions = max_sessions
+        self.n_seq = n_seq
+        self.n_batch = n_batch
         self._index = {p: i for i, p in enumerate(_PIECES) if i >= _BYTE0}
         self._max_len = max(len(p) for p in _PIECES[_BYTE0:])
         self._special_re = re.compile("(" + "|".join(re.escape(s) for s in _SPECIALS) + ")")
-        self._cur = _Context([])
-        # Each session's last context: a KV cache stand-in, so cached_tokens looks real.
-        self._sessions: OrderedDict[str, _Context] = OrderedDict()
+        # Each sequence's tokens and where they stand in the script: the KV cache stand-in.
+        self._seqs = [_Context([]) for _ in range(n_seq)]
 
     # ---- the script ---------------------------------------------------------------
     def is_hard(self, step: int) -> bool:
@@ -169,8 +169,7 @@ class SimModel(TokenModel):
             return True
         return self.hard_fraction > 0 and _mix(self.seed, step, 0x4A2D) < self.hard_fraction * 2.0**64
 
-    def _logits(self) -> np.ndarray:
-        c = self._cur
+    def _logits(self, c: _Context) -> np.ndarray:
         n = len(c.tokens)
         hard = False
         if c.end >= 0:
@@ -193,39 +192,37 @@ class SimModel(TokenModel):
         z[token] = _HARD_BUMP if hard else _PEAK
         return z
 
-    # ---- TokenModel ------------------------------------------------------------------
-    def prefill(self, session_id: str, tokens: Sequence[int]) -> Prefill:
-        new = list(tokens)
-        base, cached = self._cur, _common_prefix(self._cur.tokens, new)
-        saved = self._sessions.get(session_id)
-        if saved is not None and saved is not base:
-            c = _common_prefix(saved.tokens, new)
-            # Ties go to the session's own context, whose state extends without a rescan.
-            if c > cached or (c == cached and c == len(saved.tokens)):
-                base, cached = saved, c
-        if cached == len(base.tokens) and len(new) - cached <= 256:
-            # The usual call, an extension of a known context: carry its state over the new tokens.
-            ctx = _Context(new, base.turn, base.anchor, base.step, base.end)
-            for i in range(cached, len(new)):
-                ctx.advance(new[i], i + 1)
-        else:
-            ctx = _Context.scan(new)
-        self._cur = ctx
-        self._sessions[session_id] = ctx
-        self._sessions.move_to_end(session_id)
-        while len(self._sessions) > self._max_sessions:
-            self._sessions.popitem(last=False)
-        if self.prefill_latency_per_token_s > 0:
-            time.sleep(self.prefill_latency_per_token_s * (len(new) - cached))
-        return Prefill(self._logits(), cached)
+    # ---- BatchModel -------------------------------------------------------------------
+    def decode(self, batch: Batch) -> np.ndarray:
+        """A batch costs what it would on a GPU: one decode step (`token_latency_s`)
+        however many sequences it carries, plus `prefill_latency_per_token_s` for
+        each prompt token whose logits nobody reads."""
+        rows = []
+        for token, seq, pos, want in zip(batch.tokens, batch.seqs, batch.positions, batch.wants):
+            c = self._seqs[seq]
+            if pos != len(c.tokens):
+                raise ValueError(f"sequence {seq} holds {len(c.tokens)} tokens; a batch put one at position {pos}")
+            c.tokens.append(token)
+            c.advance(token, pos + 1)
+            if want:
+                rows.append(self._logits(c))
+        wanted = len(rows)
+        delay = self.token_latency_s + self.prefill_latency_per_token_s * (len(batch) - wanted)
+        if delay > 0:
+            time.sleep(delay)
+        return np.stack(rows) if rows else np.empty((0, VOCAB_SIZE), dtype=np.float32)
 
-    def decode(self, token_id: int) -> np.ndarray:
-        c = self._cur
-        c.tokens.append(token_id)
-        c.advance(token_id, len(c.tokens))
-        if self.token_latency_s > 0:
-            time.sleep(self.token_latency_s)
-        return self._logits()
+    def keep(self, seq: int, n: int) -> int:
+        tokens = self._seqs[seq].tokens[:n]
+        self._seqs[seq] = _Context.scan(tokens)
+        return len(tokens)
+
+    def save(self, seq: int) -> np.ndarray:
+        return np.asarray(self._seqs[seq].tokens, dtype=np.int32).view(np.uint8).copy()
+
+    def load(self, seq: int, state: np.ndarray) -> bool:
+        self._seqs[seq] = _Context.scan(state.view(np.int32).tolist())
+        return True
 
     def token_bytes(self, token_id: int) -> bytes:
         return _PIECES[token_id]
@@ -251,15 +248,3 @@ class SimModel(TokenModel):
         return text + "<|im_start|>assistant\n<think>" if add_generation_prompt else text
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    if len(a) <= len(b) and b[: len(a)] == a:  # the usual case, an extension: one C-level comparison
-        return len(a)
-    n = min(len(a), len(b))
-    lo, hi = 0, n + 1  # a[:lo] == b[:lo]; a[:hi] != b[:hi] (or hi past the end)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if a[:mid] == b[:mid]:
-            lo = mid
-        else:
-            hi = mid
-    return lo

@@ -1,0 +1,541 @@
+"""The Engine for logits-level backends (llama.cpp, sim): one scheduler owns the
+model's context and decodes every request in flight together, as llama.cpp's
+server does with its slots.
+
+Each request in flight holds one sequence ("slot") of the context. One thread
+runs the loop; each iteration it
+  1. admits waiting requests to free slots, picking the slot whose KV state
+     shares the longest prefix with the prompt (the session's own, else the
+     least recently used; the state of a session leaving a slot is saved to the
+     snapshot cache and restored when it returns),
+  2. builds one batch: the next token of every decoding request, then prompt
+     tokens of requests still prefilling, at most `prefill_chunk` of them while
+     others decode (a long prompt must not stall them) and up to the batch size
+     when nothing decodes,
+  3. evaluates it with one backend call and hands each request its own logits
+     row: a glimpse reads the distribution and ends, a Step decides, a
+     generation samples its next token.
+Glimpse, Step and Generate are kinds of one request type here, not separate
+code paths. Results reach the asyncio side once per iteration; chunks that
+pile up between two reads are merged, so a stream carries one message per
+batch at most.
+"""
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import AsyncIterator, Sequence
+
+import numpy as np
+
+from services.worker import entropy as ent
+from services.worker import observe
+from services.worker.batch import Batch, BatchModel
+from services.worker.decoding import Decoding
+from services.worker.engine import CancelToken, Engine, EngineError
+from services.worker.kvcache import Snapshot, SnapshotCache
+from services.worker.prompts import render_prompt
+from services.worker.types import (
+    ChatMessage,
+    Chunk,
+    Decided,
+    Decision,
+    FinishReason,
+    Gate,
+    GenerateRequest,
+    Generation,
+    Glimpse,
+    ModelInfo,
+    StepResult,
+    Timings,
+    TokenLogprob,
+    Usage,
+)
+
+log = logging.getLogger("glimprouter.worker.scheduler")
+
+DEFAULT_PREFILL_CHUNK = 128
+
+
+class Kind(enum.Enum):
+    GLIMPSE = "glimpse"
+    STEP = "step"
+    GENERATE = "generate"
+
+
+_END = object()  # the last item delivered to a request's consumer
+
+
+@dataclass
+class Stats:
+    """Counters the tests (and metrics) read instead of timing."""
+
+    evaluated_tokens: int = 0
+    batches: int = 0
+    max_batch_sequences: int = 0  # the most requests one batch carried
+    restores: int = 0
+
+
+class Slot:
+    """One sequence of the context and what its KV state holds."""
+
+    __slots__ = ("seq", "tokens", "session", "logits", "job", "last_used")
+
+    def __init__(self, seq: int) -> None:
+        self.seq = seq
+        self.tokens: list[int] = []  # positions 0..n-1 of the sequence's KV state
+        self.session = ""  # whose state it is ("" anonymous)
+        self.logits: np.ndarray | None = None  # next-token logits after tokens[-1], when kept
+        self.job: Job | None = None
+        self.last_used = 0.0
+
+
+class Job:
+    """One request, from submission to its last result."""
+
+    def __init__(
+        self, kind: Kind, prompt: Sequence[int], session_id: str, cancel: CancelToken, stream: bool,
+        req: GenerateRequest | None = None, gate: Gate | None = None, top_k: int = 20,
+    ) -> None:
+        self.kind, self.prompt, self.session = kind, list(prompt), session_id
+        self.cancel, self.stream, self.req, self.gate, self.top_k = cancel, stream, req, gate, top_k
+        self.enqueued = time.perf_counter()
+        self.admitted = self.prefilled = 0.0
+        self.slot: Slot | None = None
+        self.cached = 0  # prompt tokens found in the KV state
+        self.ready: np.ndarray | None = None  # logits already known for the whole prompt
+        self.decoding: Decoding | None = None
+        self.next_token: int | None = None  # sampled, to be evaluated in the next batch
+        self.done = False
+        # Delivery to the asyncio side: the scheduler thread fills `out` during an
+        # iteration and hands it over at its end; the consumer reads `inbox`.
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.out: list = []
+        self.inbox: list = []
+        self.event: asyncio.Event | None = None
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    if len(a) <= len(b) and b[: len(a)] == a:  # the usual case, an extension: one C-level comparison
+        return len(a)
+    n = min(len(a), len(b))
+    if n == 0:
+        return 0
+    diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(diff[0]) if diff.size else n
+
+
+class Scheduler(Engine):
+    def __init__(
+        self, model: BatchModel, *, kv_cache_bytes: int = 2 * 1024**3, kv_reuse: bool = True,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    ) -> None:
+        self.model = model
+        self.kv_reuse = kv_reuse  # off only to measure what reuse saves: every request starts empty
+        self.prefill_chunk = max(1, min(prefill_chunk, model.n_batch))
+        self.snapshots = SnapshotCache(kv_cache_bytes)
+        self.stats = Stats()
+        self._slots = [Slot(i) for i in range(model.n_seq)]
+        self._pieces: dict[int, str] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._waiting: deque[Job] = deque()
+        self._active: list[Job] = []  # admitted, in admission order
+        self._outbox: list[Job] = []  # jobs with results to deliver after this iteration
+        self._closed = False
+        self.info = ModelInfo(
+            model_id=model.model_id,
+            backend=model.backend,
+            vocab_size=model.vocab_size,
+            context_length=model.context_length,
+            eos_token_ids=tuple(model.eos_token_ids),
+            bos_token_id=model.bos_token_id,
+            has_chat_template=model.chat_template_text([ChatMessage("user", "x")], True) is not None,
+            tokenizer_fingerprint=model.tokenizer_fingerprint(),
+            think_start=model.think_start,
+            think_end=model.think_end,
+        )
+        self._thread = threading.Thread(target=self._run, name=f"{model.backend}-scheduler", daemon=True)
+        self._thread.start()
+
+    # ---- lifecycle --------------------------------------------------------------------
+    async def start(self) -> None:
+        # One evaluation, so the first real request does not pay for warming up.
+        await self.glimpse(self.tokenize("Hello", add_bos=True), 1, "", CancelToken())
+
+    async def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._wake.notify()
+        await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+        self.snapshots.clear()
+        self.model.close()
+
+    def describe(self) -> str:
+        return f"{self.model.describe()} prefill_chunk={self.prefill_chunk} kv_cache_bytes={self.snapshots.max_bytes}"
+
+    @property
+    def cached_bytes(self) -> int:
+        """Bytes held by saved session states (bounded by kv_cache_bytes)."""
+        return self.snapshots.bytes
+
+    # ---- text helpers -------------------------------------------------------------------
+    def tokenize(self, text: str, *, add_bos: bool = False) -> list[int]:
+        return self.model.tokenize(text, add_bos)
+
+    def token_text(self, token_ids: Sequence[int]) -> str:
+        return b"".join(self.model.token_bytes(t) for t in token_ids).decode("utf-8", errors="replace")
+
+    def _piece(self, token_id: int) -> str:
+        text = self._pieces.get(token_id)
+        if text is None:
+            text = self._pieces[token_id] = self.model.token_bytes(token_id).decode("utf-8", errors="replace")
+        return text
+
+    def render_prompt(
+        self, messages: Sequence[ChatMessage], add_generation_prompt: bool, continue_final_message: bool
+    ) -> tuple[list[int], str]:
+        return render_prompt(self.model, messages, add_generation_prompt, continue_final_message)
+
+    # ---- the calls ------------------------------------------------------------------------
+    async def glimpse(self, prompt: list[int], top_k: int, session_id: str, cancel: CancelToken) -> Glimpse:
+        async for item in self._submit(Job(Kind.GLIMPSE, prompt, session_id, cancel, False, top_k=top_k)):
+            return item
+        raise RuntimeError("glimpse ended without a result")
+
+    def step(self, req: GenerateRequest, gate: Gate, cancel: CancelToken, stream: bool = True) -> AsyncIterator[Decided | Chunk]:
+        return self._submit(Job(Kind.STEP, req.prompt, req.session_id, cancel, stream, req, gate, req.top_k))
+
+    def generate(self, req: GenerateRequest, cancel: CancelToken, stream: bool = True) -> AsyncIterator[Chunk]:
+        return self._submit(Job(Kind.GENERATE, req.prompt, req.session_id, cancel, stream, req, None, req.top_k))
+
+    async def generate_full(self, req: GenerateRequest, cancel: CancelToken) -> Generation:
+        async for chunk in self.generate(req, cancel, stream=False):
+            if chunk.final is not None:
+                return chunk.final
+        raise RuntimeError("generation ended without a final chunk")
+
+    async def step_full(self, req, gate, cancel):
+        # Unary: only the decision and the final chunk cross threads, not every token.
+        head, final = None, None
+        async for item in self.step(req, gate, cancel, stream=False):
+            if isinstance(item, Decided):
+                head = item
+            elif item.final is not None:
+                final = item.final
+        if head is None:
+            raise RuntimeError("step ended without a decision")
+        return StepResult(head.decision, head.entropy, head.glimpse, final)
+
+    async def _submit(self, job: Job) -> AsyncIterator:
+        job.loop = asyncio.get_running_loop()
+        job.event = asyncio.Event()
+        with self._lock:
+            if self._closed:
+                raise EngineError("the worker is shutting down")
+            self._waiting.append(job)
+            self._wake.notify()
+        try:
+            while True:
+                if not job.inbox:
+                    job.event.clear()
+                    await job.event.wait()
+                    continue
+                items, job.inbox = job.inbox, []
+                for item in _coalesce(items):
+                    if item is _END:
+                        return
+                    if isinstance(item, BaseException):
+                        raise item
+                    yield item
+        finally:
+            # A consumer that stops reading (cancelled RPC, client gone) frees the
+            # sequence at the scheduler's next iteration.
+            job.cancel.cancel()
+
+    # ---- the loop (scheduler thread) ---------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not self._waiting and not self._active and not self._closed:
+                    self._wake.wait()
+                if self._closed:
+                    pending = list(self._waiting) + self._active
+                    self._waiting.clear()
+                    break
+            try:
+                self._iteration()
+            except Exception as exc:  # a backend failure: fail what was in flight, keep serving
+                log.exception("scheduler iteration failed")
+                for job in list(self._active):
+                    self._fail(job, EngineError(f"the model failed: {exc}"))
+                    self._reset(job.slot)
+            self._deliver()
+        for job in pending:
+            self._fail(job, EngineError("the worker is shutting down"))
+        self._deliver()
+
+    def _iteration(self) -> None:
+        self._admit()
+        for job in [j for j in self._active if j.cancel.cancelled]:
+            self._cancelled(job)
+        for job in [j for j in self._active if j.ready is not None]:
+            logits, job.ready = job.ready, None
+            self._on_logits(job, logits)
+        batch, rows_for = self._build()
+        if not len(batch):
+            return
+        logits = self.model.decode(batch)
+        self.stats.batches += 1
+        self.stats.evaluated_tokens += len(batch)
+        self.stats.max_batch_sequences = max(self.stats.max_batch_sequences, len(set(batch.seqs)))
+        for job, row in zip(rows_for, logits):
+            self._on_logits(job, row)
+
+    def _admit(self) -> None:
+        while True:
+            with self._lock:
+                idle = [s for s in self._slots if s.job is None]
+                if not self._waiting or not idle:
+                    return
+                job = self._waiting.popleft()
+            if job.cancel.cancelled:
+                self._fail(job, asyncio.CancelledError())
+                continue
+            job.admitted = time.perf_counter()
+            self._place(job, idle)
+            self._active.append(job)
+
+    def _place(self, job: Job, idle: list[Slot]) -> None:
+        """Give the job a sequence, reusing as much KV state as it can."""
+        prompt, sid = job.prompt, job.session
+        snap = self.snapshots.get(sid) if sid and self.kv_reuse else None
+        from_snap = common_prefix(snap.tokens, prompt) if snap is not None else 0
+
+        def score(s: Slot):
+            own = common_prefix(s.tokens, prompt) if self.kv_reuse else 0
+            return (max(own, from_snap), bool(sid) and s.session == sid, not s.tokens, -s.last_used)
+
+        slot = max(idle, key=score)
+        if self.kv_reuse and slot.session and slot.session != sid and slot.tokens:
+            self._save(slot)  # its session leaves the sequence
+        own = common_prefix(slot.tokens, prompt) if self.kv_reuse else 0
+        if snap is not None and from_snap > own:
+            own = from_snap if self._restore(slot, snap) else 0
+        n = len(prompt)
+        if own == n == len(slot.tokens) and slot.logits is not None:
+            # The sequence ends exactly at this prompt and its logits were kept (a
+            # Generate right after a Glimpse of the same prompt): nothing to evaluate.
+            job.ready = slot.logits
+            job.cached = n
+        else:
+            # Logits exist only for the last evaluated position: a fully cached
+            # prompt still evaluates its last token.
+            keep = min(own, n - 1)
+            if keep < len(slot.tokens):
+                keep = self.model.keep(slot.seq, keep)
+            slot.tokens = prompt[:keep]
+            slot.logits = None
+            job.cached = keep
+        slot.session, slot.job, slot.last_used = sid, job, time.monotonic()
+        job.slot = slot
+
+    def _build(self) -> tuple[Batch, list[Job]]:
+        """This iteration's batch, and the job each logits row goes to."""
+        batch, rows_for = Batch(), []
+        decoding = False
+        for job in self._active:
+            if job.next_token is not None:
+                slot = job.slot
+                batch.add(job.next_token, slot.seq, len(slot.tokens), True)
+                slot.tokens.append(job.next_token)
+                job.next_token = None
+                rows_for.append(job)
+                decoding = True
+        budget = min(self.model.n_batch - len(batch), self.prefill_chunk if decoding else self.model.n_batch)
+        for job in self._active:
+            if budget <= 0:
+                break
+            slot = job.slot
+            if job.done or job.decoding is not None or job.ready is not None or job.next_token is not None:
+                continue
+            start = len(slot.tokens)
+            rest = len(job.prompt) - start
+            if rest <= 0:
+                continue
+            take = min(rest, budget)
+            batch.tokens.extend(job.prompt[start : start + take])
+            batch.seqs.extend([slot.seq] * take)
+            batch.positions.extend(range(start, start + take))
+            batch.wants.extend([False] * (take - 1) + [take == rest])
+            slot.tokens.extend(job.prompt[start : start + take])
+            budget -= take
+            if take == rest:
+                rows_for.append(job)
+        return batch, rows_for
+
+    # ---- what a logits row means to its job ------------------------------------------------
+    def _on_logits(self, job: Job, logits: np.ndarray) -> None:
+        if job.decoding is None:  # the prompt's logits
+            job.prefilled = time.perf_counter()
+            if job.kind is not Kind.GENERATE:
+                g = self._glimpse(job, logits)
+                if job.kind is Kind.GLIMPSE:
+                    self._emit(job, g)
+                    self._finish(job, logits)
+                    return
+                assert job.gate is not None
+                value = g.entropy(job.gate.method)
+                if value >= job.gate.threshold:
+                    self._emit(job, Decided(Decision.ESCALATE, value, g))
+                    self._finish(job, logits)
+                    return
+                self._emit(job, Decided(Decision.KEEP, value, g))
+            assert job.req is not None
+            room = self.model.context_length - len(job.prompt)
+            job.decoding = Decoding(job.req, self.model.token_bytes, self.model.eos_token_ids, room)
+        chunk = job.decoding.take(logits)
+        if job.stream:
+            self._emit(job, chunk)
+        if job.decoding.finish is not None:
+            self._finish(job, logits)
+        else:
+            job.next_token = chunk.token_ids[0]
+
+    def _glimpse(self, job: Job, logits: np.ndarray) -> Glimpse:
+        dist = ent.summarize(logits, job.top_k)
+        n = len(job.prompt)
+        usage = Usage(n, job.cached, n - job.cached, 0)
+        now = time.perf_counter()
+        timings = Timings(
+            (job.admitted - job.enqueued) * 1e3, (job.prefilled - job.admitted) * 1e3, 0.0, (now - job.enqueued) * 1e3
+        )
+        top = [TokenLogprob(t, self._piece(t), lp) for t, lp in zip(dist.top_ids, dist.top_logprobs)]
+        return Glimpse(dist.greedy_id, self._piece(dist.greedy_id), dist.entropy_full, dist.entropy_top_k, top, usage, timings)
+
+    def _finish(self, job: Job, logits: np.ndarray | None) -> None:
+        """The job is over: its slot keeps the KV state (and the last logits, so a call
+        for exactly this prefix evaluates nothing) for whoever comes next."""
+        slot = job.slot
+        if slot is not None:
+            slot.logits = None if logits is None else np.array(logits, dtype=np.float32, copy=True)
+        d = job.decoding
+        if d is not None:
+            now = time.perf_counter()
+            n = len(job.prompt)
+            usage = Usage(n, job.cached, n - job.cached, len(d.produced))
+            timings = Timings(
+                (job.admitted - job.enqueued) * 1e3,
+                (job.prefilled - job.admitted) * 1e3,
+                (now - job.prefilled) * 1e3,
+                (now - job.enqueued) * 1e3,
+            )
+            assert d.finish is not None
+            final = Generation(d.produced, d.cutter.text, d.finish, usage, timings, d.entropies, d.cutter.matched_stop)
+            self._emit(job, Chunk([], d.tail(), [], final))
+        self._release(job)
+        self._emit(job, _END)
+
+    def _cancelled(self, job: Job) -> None:
+        d = job.decoding
+        if d is None:  # nothing written yet: the consumer is gone or going
+            self._release(job)
+            self._fail(job, asyncio.CancelledError())
+            return
+        observe.generation_cancelled(self.model.model_id, len(d.produced))
+        d.stop(FinishReason.CANCELLED)
+        if job.next_token is not None:  # sampled but never evaluated
+            job.next_token = None
+        self._finish(job, None)
+
+    def _fail(self, job: Job, exc: BaseException) -> None:
+        self._release(job)
+        self._emit(job, exc)
+        self._emit(job, _END)
+
+    def _release(self, job: Job) -> None:
+        if job.done:
+            return
+        job.done = True
+        if job in self._active:
+            self._active.remove(job)
+        slot = job.slot
+        if slot is not None and slot.job is job:
+            slot.job = None
+            slot.last_used = time.monotonic()
+
+    def _reset(self, slot: Slot | None) -> None:
+        if slot is not None:
+            self.model.keep(slot.seq, 0)
+            slot.tokens, slot.logits, slot.session = [], None, ""
+
+    # ---- saved session state ----------------------------------------------------------------
+    def _save(self, slot: Slot) -> None:
+        if self.snapshots.holds(slot.session, slot.tokens):
+            self.snapshots.touch(slot.session)
+            return
+        state = self.model.save(slot.seq)
+        if state is not None:
+            self.snapshots.put(slot.session, Snapshot(list(slot.tokens), state))
+
+    def _restore(self, slot: Slot, snap: Snapshot) -> bool:
+        slot.logits = None
+        if not self.model.load(slot.seq, snap.state):
+            # A failed restore leaves the sequence empty: start from nothing.
+            slot.tokens = []
+            self.snapshots.drop(slot.session)
+            return False
+        slot.tokens = list(snap.tokens)
+        self.snapshots.touch(slot.session)
+        self.stats.restores += 1
+        return True
+
+    # ---- delivery to the asyncio side ------------------------------------------------------
+    def _emit(self, job: Job, item) -> None:
+        if not job.out:
+            self._outbox.append(job)
+        job.out.append(item)
+
+    def _deliver(self) -> None:
+        """Hand this iteration's results over: one wake-up per event loop, not per token."""
+        if not self._outbox:
+            return
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job, list]]] = {}
+        for job in self._outbox:
+            items, job.out = job.out, []
+            by_loop.setdefault(job.loop, []).append((job, items))
+        self._outbox = []
+        for loop, batch in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_hand_over, batch)
+            except RuntimeError:  # that event loop is closed: nobody is waiting
+                pass
+
+
+def _hand_over(batch: list[tuple[Job, list]]) -> None:
+    for job, items in batch:
+        job.inbox.extend(items)
+        assert job.event is not None
+        job.event.set()
+
+
+def _coalesce(items: list) -> list:
+    """Consecutive plain chunks merged into one (a stream sends what piled up as one message)."""
+    out: list = []
+    for item in items:
+        prev = out[-1] if out else None
+        if (
+            isinstance(item, Chunk) and item.final is None
+            and isinstance(prev, Chunk) and prev.final is None
+        ):
+            out[-1] = Chunk(prev.token_ids + item.token_ids, prev.text + item.text, prev.entropies + item.entropies)
+        else:
+            out.append(item)
+    return out
