@@ -540,6 +540,22 @@ async def test_exact_entropy_cost_is_logged_and_batch_size_passed(make_engine, c
     assert any(expected in r.getMessage() and "--trtllm-max-batch-size" in r.getMessage() for r in caplog.records)
 
 
+def test_worker_flags_reach_the_engine(monkeypatch):
+    from services.worker import backends
+    from services.worker.backends import trtllm
+    from services.worker.config import WorkerSettings
+
+    seen = {}
+    monkeypatch.setattr(trtllm, "TrtLlmEngine", lambda model, **kw: seen.update(kw, model=model) or "engine")
+    s = WorkerSettings(backend="trtllm", model="/models/x", trtllm_max_batch_size=64, trtllm_max_num_tokens=16384,
+                       trtllm_chunked_prefill=False)
+    assert backends.create_engine(s) == "engine"
+    assert (seen["max_batch_size"], seen["max_num_tokens"], seen["chunked_prefill"]) == (64, 16384, False)
+    seen.clear()
+    backends.create_engine(WorkerSettings(backend="trtllm", model="/models/x"))
+    assert (seen["max_batch_size"], seen["max_num_tokens"], seen["chunked_prefill"]) == (None, None, True)
+
+
 # ---- on a GPU node ------------------------------------------------------------------
 
 
