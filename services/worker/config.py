@@ -36,7 +36,16 @@ class WorkerSettings:
     sim_hard_steps: str = setting("", "sim: comma-separated step indices with high first-token entropy")
     sim_hard_fraction: float = setting(0.0, "sim: probability that a step is hard (seeded)")
     # TensorRT-LLM knobs (backend=trtllm only).
-    trtllm_exact_entropy: bool = setting(False, "trtllm: gather generation logits for full-vocabulary entropy")
+    trtllm_exact_entropy: bool = setting(
+        False, "trtllm: gather generation logits for full-vocabulary entropy (GPU: ~max batch x vocab x 4 bytes)"
+    )
     trtllm_kv_free_fraction: float = setting(0.85, "trtllm: share of free GPU memory for the KV cache")
     trtllm_tensor_parallel_size: int = setting(1, "trtllm: GPUs one model is split over (tensor parallelism)")
     trtllm_max_seq_len: int = setting(0, "trtllm: max sequence length (0 = the model's own; --context-length is llama.cpp's)")
+    trtllm_chunked_prefill: bool = setting(
+        True, "trtllm: prefill long prompts in chunks; off, no prompt may exceed --trtllm-max-num-tokens"
+    )
+    trtllm_max_num_tokens: int = setting(0, "trtllm: most tokens in one forward pass (0 = TensorRT-LLM's 8192)")
+    trtllm_max_batch_size: int = setting(
+        0, "trtllm: most requests batched at once (0 = TensorRT-LLM's 2048); exact-entropy buffers grow with it"
+    )

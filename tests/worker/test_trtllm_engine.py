@@ -1,14 +1,19 @@
 """TrtLlmEngine. Three layers:
 - without tensorrt_llm: the module imports and the constructor names the fix;
 - the engine's glue against a fake `tensorrt_llm` that follows the documented LLM API
-  (streamed cumulative token_ids, stop_token_ids, end_id, abort, raw logprobs);
+  (streamed cumulative token_ids, stop_token_ids, end_id, abort, raw logprobs) and the
+  upstream rules read in NVIDIA/TensorRT-LLM (max_num_tokens without chunked prefill,
+  MAX_TOP_LOGPROBS, no logprobs_mode before PR #9675, seeds ignored by TorchSampler,
+  perf metrics);
 - `@pytest.mark.trtllm`: the real thing, on a GPU node with GLIMPROUTER_TRTLLM_TEST_MODEL.
 """
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import datetime
 import enum
+import logging
 import json
 import math
 import os
@@ -18,7 +23,10 @@ import types
 import numpy as np
 import pytest
 
+from prometheus_client import REGISTRY
+
 from services.worker import entropy as ent
+from services.worker.backends import trtllm_limits as lim
 from services.worker.backends import trtllm_mapping as m
 from services.worker.backends.trtllm import TrtLlmEngine
 from services.worker.engine import CancelToken, EngineError
@@ -59,6 +67,31 @@ class FakeSamplingParams:
     return_generation_logits: bool = False
     ignore_eos: bool = False
     detokenize: bool = True
+    return_perf_metrics: bool = False
+
+    def __post_init__(self):
+        # check_logprobs_limit in SamplingParams._validate (sampling_params.py, later releases)
+        cap = getattr(sys.modules.get(type(self).__module__), "MAX_TOP_LOGPROBS", None)
+        if cap is not None and (self.logprobs or 0) > cap:
+            raise ValueError(f"logprobs must be less than or equal to {cap}")
+        # tests/unittest/_torch/sampler/test_return_top_k_logprobs.py: refused with top-k sampling
+        if (self.top_k or 0) > 1 and (self.logprobs or 0) > self.top_k:
+            raise ValueError(f"logprobs ({self.logprobs}) cannot exceed top_k ({self.top_k})")
+
+
+# A 1.2.x SamplingParams without PR #9675's logprobs_mode (logprobs follow the sampling
+# parameters) and, older still, without return_perf_metrics.
+def _release_without(*names):
+    return dataclasses.make_dataclass(
+        "SamplingParams",
+        [(f.name, f.type, dataclasses.field(default=f.default)) for f in dataclasses.fields(FakeSamplingParams)
+         if f.name not in names],
+        namespace={"__post_init__": FakeSamplingParams.__post_init__}, kw_only=True,
+    )
+
+
+NoModeSamplingParams = _release_without("logprobs_mode")
+OldSamplingParams = _release_without("logprobs_mode", "return_perf_metrics")
 
 
 @dataclasses.dataclass
@@ -74,13 +107,20 @@ class Seq:
     generation_logits: object = None
     finish_reason: str | None = None
     stop_reason: object = None
+    request_perf_metrics: object = None
 
 
 class FakeResult:
     def __init__(self, llm, prompt, p, cached):
         self.llm, self.prompt, self.p, self.cached_tokens = llm, prompt, p, cached
         self.ctx, self.outputs, self.finished, self.aborted = list(prompt), [Seq()], False, False
-        self.rng = np.random.default_rng(p.seed)
+        # TorchSampler before PR #17172: one generator for the executor, request seeds ignored.
+        self.rng = np.random.default_rng(p.seed) if llm.seeded else llm.rng
+        if getattr(p, "return_perf_metrics", False):  # timedeltas on the executor's steady clock
+            arrival = datetime.timedelta(seconds=1000 + len(llm.history))
+            timing = types.SimpleNamespace(arrival_time=arrival,
+                                           first_scheduled_time=arrival + datetime.timedelta(seconds=llm.queue_s))
+            self.outputs[0].request_perf_metrics = types.SimpleNamespace(timing_metrics=timing)
 
     def abort(self):
         self.aborted = True
@@ -97,6 +137,9 @@ class FakeResult:
         else:
             w = np.exp((z - z.max()) / p.temperature)
             t = int(self.rng.choice(V, p=w / w.sum()))
+        if getattr(p, "logprobs_mode", None) != "raw" and p.temperature:
+            # "processed": after temperature (releases without logprobs_mode, or PROCESSED)
+            lp = z / p.temperature - np.log(np.exp(z / p.temperature).sum())
         order = [int(i) for i in np.argsort(-lp, kind="stable")]
         row = {i: Logprob(float(lp[i]), r + 1) for r, i in enumerate(order[: p.logprobs or 0])}
         row.setdefault(t, Logprob(float(lp[t]), order.index(t) + 1))
@@ -134,7 +177,8 @@ class FakeResult:
 class FakeLLM:
     def __init__(self, **kwargs):
         self.kwargs, self.chain, self.flat, self.history, self.requests = kwargs, {}, set(), [], []
-        self.token_delay = 0.0
+        self.token_delay, self.queue_s, self.refuse = 0.0, 0.0, None
+        self.seeded, self.rng = True, np.random.default_rng(42)
 
     def logits(self, ctx):
         """A Markov chain on the last token, peaked on `chain[last]`; flat after `flat`."""
@@ -145,7 +189,14 @@ class FakeLLM:
         return z
 
     def generate_async(self, prompt, params, streaming=False):
-        assert isinstance(params, FakeSamplingParams) and all(isinstance(t, int) for t in prompt)
+        assert dataclasses.is_dataclass(params) and all(isinstance(t, int) for t in prompt)
+        if self.refuse is not None:
+            raise self.refuse
+        # BaseLLM._check_arguments, tensorrt_llm/llmapi/llm.py (PyTorch backend)
+        max_num_tokens = self.kwargs.get("max_num_tokens", lim.DEFAULT_MAX_NUM_TOKENS)
+        if not self.kwargs.get("enable_chunked_prefill") and len(prompt) > max_num_tokens:
+            raise ValueError(f"The sum of prompt length ({float(len(prompt))}), query length (0) should not "
+                             f"exceed max_num_tokens ({max_num_tokens})")
         lcp = max((next((i for i, (a, b) in enumerate(zip(prompt, h)) if a != b), min(len(prompt), len(h)))
                    for h in self.history), default=0)
         self.history.append(list(prompt))
@@ -183,20 +234,32 @@ class FakeTokenizer:
 
 @pytest.fixture
 def make_engine(monkeypatch):
-    trt = types.ModuleType("tensorrt_llm")
-    trt.LLM, trt.SamplingParams = FakeLLM, FakeSamplingParams
     llmapi = types.ModuleType("tensorrt_llm.llmapi")
     llmapi.KvCacheConfig = lambda **kw: types.SimpleNamespace(**kw)
-    monkeypatch.setitem(sys.modules, "tensorrt_llm", trt)
     monkeypatch.setitem(sys.modules, "tensorrt_llm.llmapi", llmapi)
 
-    async def make(chain=None, **kw):
+    async def make(chain=None, sp=FakeSamplingParams, cap=20, **kw):
+        """`sp`: the release's SamplingParams; `cap`: its module's MAX_TOP_LOGPROBS (None: absent)."""
+        trt = types.ModuleType("tensorrt_llm")
+        trt.LLM, trt.SamplingParams = FakeLLM, sp
+        sp_module = types.ModuleType("tensorrt_llm.sampling_params")  # where the real class lives
+        sp_module.SamplingParams = sp
+        if cap is not None:
+            sp_module.MAX_TOP_LOGPROBS = cap
+        monkeypatch.setattr(sp, "__module__", sp_module.__name__)
+        monkeypatch.setitem(sys.modules, "tensorrt_llm", trt)
+        monkeypatch.setitem(sys.modules, sp_module.__name__, sp_module)
         engine = TrtLlmEngine("/models/fake", tokenizer=FakeTokenizer(), **kw)
         await engine.start()
         engine._llm.chain, engine._llm.requests = dict(chain or {}), []
         return engine, engine._llm
 
     return make
+
+
+def steps_counted(model: str, path: lim.StepPath) -> float:
+    labels = {"model": model, "path": path.value}
+    return REGISTRY.get_sample_value("glimprouter_worker_trtllm_steps_total", labels) or 0.0
 
 
 def raw_logprobs(llm, ctx):
@@ -348,6 +411,149 @@ async def test_render_prompt_without_template(make_engine):
     ids, text = engine.render_prompt([ChatMessage("user", "Hello world."), ChatMessage("assistant", "Wait")],
                                      False, True)
     assert text == "Hello world.Wait" and ids == [1, 2, 3, 7] and engine.tokenize("Hello is") == [1, 8]
+
+
+# ---- what a read of the upstream source found (docs/trtllm.md) ------------------------
+
+
+async def test_long_prompts_get_in_with_chunked_prefill(make_engine):
+    engine, llm = await make_engine({1: 2, 2: 5}, max_seq_len=32768)
+    assert llm.kwargs["enable_chunked_prefill"] is True and engine.info.context_length == 32768
+    prompt = [1] * 9000  # past TRT's default max_num_tokens of 8192
+    gen = await engine.generate_full(prompt, GREEDY, STOP, "s", CancelToken())
+    assert gen.finish_reason is FinishReason.STEP_END
+
+
+async def test_without_chunked_prefill_the_advertised_context_is_what_trt_accepts(make_engine):
+    engine, llm = await make_engine({1: 2, 2: 8, 8: 2}, max_seq_len=32768, chunked_prefill=False, max_num_tokens=64)
+    assert llm.kwargs["enable_chunked_prefill"] is False and llm.kwargs["max_num_tokens"] == 64
+    assert engine.info.context_length == 65
+    longest = [1] * (engine.info.context_length - 1)  # the longest prompt validation lets through
+    gen = await engine.generate_full(longest, SamplingParams(max_tokens=8), STOP, "s", CancelToken())
+    assert (len(gen.token_ids), gen.finish_reason) == (1, FinishReason.CONTEXT)
+    # A prompt past it is refused by TRT with ValueError: reported as an engine error.
+    with pytest.raises(EngineError, match=r"max_num_tokens \(64\).*--trtllm-chunked-prefill"):
+        await engine.glimpse([1] * 65, 5, "s", CancelToken())
+
+
+async def test_refused_requests_are_engine_errors_and_others_are_not(make_engine):
+    class RequestError(RuntimeError):
+        pass
+
+    RequestError.__module__ = "tensorrt_llm.executor.utils"
+    engine, llm = await make_engine({1: 2})
+    for refusal in (ValueError("best_of (2) cannot exceed max_batch_size (1)"), RequestError("too long")):
+        llm.refuse = refusal
+        with pytest.raises(EngineError, match="TensorRT-LLM refused a request of 1 prompt tokens"):
+            await engine.glimpse([1], 5, "s", CancelToken())
+        with pytest.raises(EngineError, match="refused"):
+            await engine.generate_full([1], GREEDY, STOP, "s", CancelToken())
+        with pytest.raises(EngineError, match="refused"):
+            await engine.step([1], EntropyMethod.TOP_K, 9.0, 5, GREEDY, STOP, "s", CancelToken())
+    llm.refuse = RuntimeError("CUDA error: an illegal memory access")  # a fault, not the request's: INTERNAL
+    with pytest.raises(RuntimeError, match="CUDA"):
+        await engine.glimpse([1], 5, "s", CancelToken())
+
+
+async def test_sampled_step_path_is_detected_logged_and_counted(make_engine, caplog):
+    sampling = SamplingParams(temperature=0.7, seed=1, max_tokens=16)
+    caplog.set_level(logging.INFO, logger="services.worker.backends.trtllm")
+    engine, llm = await make_engine({1: 2, 2: 5}, sp=NoModeSamplingParams, model_id="no-mode")
+    assert engine._raw_mode is None
+    assert any("two requests" in r.getMessage() and "#9675" in r.getMessage() for r in caplog.records)
+    before = steps_counted("no-mode", lim.StepPath.NO_LOGPROBS_MODE)
+    r = await engine.step([1], EntropyMethod.TOP_K, 5.0, 5, sampling, STOP, "s", CancelToken())
+    glimpse = llm.requests[0].p
+    assert (glimpse.temperature, glimpse.logprobs) == (1.0, 5) and not hasattr(glimpse, "logprobs_mode")
+    # the raw entropy, although this release reports logprobs after temperature
+    assert r.entropy == pytest.approx(topk_entropy(raw_logprobs(llm, [1]), 5))
+    assert llm.requests[1].prompt == [1] and llm.requests[1].p.temperature == 0.7  # regenerated from the boundary
+    assert steps_counted("no-mode", lim.StepPath.NO_LOGPROBS_MODE) == before + 1
+
+    engine, llm = await make_engine({1: 2, 2: 5}, model_id="raw-mode")
+    counted = {p: steps_counted("raw-mode", p) for p in lim.StepPath}
+    await engine.step([1], EntropyMethod.TOP_K, 5.0, 5, sampling, STOP, "s", CancelToken())
+    await engine.step([1], EntropyMethod.TOP_K, 5.0, 5, GREEDY, STOP, "s", CancelToken())
+    llm.requests = []
+    cut = SamplingParams(temperature=0.7, top_k=3, max_tokens=16)  # logprobs 5 > top_k 3: TRT refuses
+    r = await engine.step([1], EntropyMethod.TOP_K, 5.0, 5, cut, STOP, "s", CancelToken())
+    assert llm.requests[0].p.top_k == 0 and r.generation.token_ids[0] == llm.requests[1].outputs[0].token_ids[0]
+    for path, n in ((lim.StepPath.RAW_LOGPROBS, 1), (lim.StepPath.GREEDY, 1), (lim.StepPath.REFUSED, 1),
+                    (lim.StepPath.NO_LOGPROBS_MODE, 0)):
+        assert steps_counted("raw-mode", path) == counted[path] + n, path
+
+
+async def test_top_k_past_the_logprobs_cap_is_refused_naming_it(make_engine):
+    engine, llm = await make_engine({1: 2, 2: 5}, cap=4)  # 20, or 100 since PR #16851; 4 to fit V
+    with pytest.raises(EngineError, match=r"top_k 5 .*at most 4.*--trtllm-exact-entropy"):
+        await engine.glimpse([1], 5, "s", CancelToken())
+    with pytest.raises(EngineError, match="at most 4"):
+        await engine.step([1], EntropyMethod.TOP_K, 5.0, 5, SamplingParams(temperature=0.7), STOP, "s", CancelToken())
+    with pytest.raises(EngineError, match="at most 4") as info:
+        await engine.generate_full([1], GREEDY, STOP, "s", CancelToken(), True, 5)
+    assert "exact-entropy" not in str(info.value)  # generation entropies come from logprobs either way
+    assert llm.requests == []  # refused before TRT saw them
+    assert (await engine.glimpse([1], 4, "s", CancelToken())).top[0].token_id == 2
+    engine, _ = await make_engine({1: 2}, cap=4, exact_entropy=True)  # entropy from the logits: no cap
+    assert len((await engine.glimpse([1], V, "s", CancelToken())).top) == V
+    engine, _ = await make_engine({1: 2}, cap=None)  # a release without MAX_TOP_LOGPROBS
+    assert len((await engine.glimpse([1], V, "s", CancelToken())).top) == V
+
+
+async def test_queue_time_is_read_from_perf_metrics(make_engine):
+    engine, llm = await make_engine({1: 2, 2: 5})
+    llm.queue_s, llm.token_delay = 0.004, 0.005  # TRT's clock says 4 ms queued; 5 ms pass per token
+    g = await engine.glimpse([1], 5, "s", CancelToken())
+    assert llm.requests[0].p.return_perf_metrics is True
+    assert g.timings.queue_ms == pytest.approx(4.0) and g.timings.total_ms >= g.timings.queue_ms
+    gen = await engine.generate_full([1], GREEDY, STOP, "s", CancelToken())
+    assert gen.timings.queue_ms == pytest.approx(4.0)
+    r = await engine.step([1], EntropyMethod.TOP_K, 5.0, 5, GREEDY, STOP, "s", CancelToken())
+    assert r.generation.timings.queue_ms == pytest.approx(8.0)  # the glimpse's and the continuation's
+    engine, llm = await make_engine({1: 2}, sp=OldSamplingParams)  # no return_perf_metrics: not sent
+    assert (await engine.glimpse([1], 5, "s", CancelToken())).timings.queue_ms == 0.0
+
+
+async def test_steps_do_not_rely_on_seeds(make_engine):
+    """TorchSampler before PR #17172 ignores the request's seed: the step's first token
+    is the one its first request sampled, never re-derived from the seed."""
+    engine, llm = await make_engine({1: 2, 2: 5})
+    llm.seeded = False
+    llm.flat = {1}
+    sampling = SamplingParams(temperature=1.0, seed=7, max_tokens=3)
+    firsts = []
+    for _ in range(6):
+        llm.requests = []
+        r = await engine.step([1], EntropyMethod.TOP_K, 99.0, 5, sampling, STOP, "s", CancelToken())
+        first = llm.requests[0].outputs[0].token_ids[0]
+        assert r.generation.token_ids[0] == first
+        assert all(req.prompt[:2] == [1, first] for req in llm.requests[1:])  # written on from it
+        firsts.append(first)
+    assert len(set(firsts)) > 1  # same seed, different draws: nothing above depended on it
+
+
+async def test_exact_entropy_cost_is_logged_and_batch_size_passed(make_engine, caplog):
+    caplog.set_level(logging.INFO, logger="services.worker.backends.trtllm")
+    _, llm = await make_engine(exact_entropy=True, max_batch_size=128)
+    assert llm.kwargs["max_batch_size"] == 128 and llm.kwargs["gather_generation_logits"] is True
+    expected = f"{lim.logits_buffer_bytes(128, V) / 2**20:.0f} MiB"
+    assert any(expected in r.getMessage() and "--trtllm-max-batch-size" in r.getMessage() for r in caplog.records)
+
+
+def test_worker_flags_reach_the_engine(monkeypatch):
+    from services.worker import backends
+    from services.worker.backends import trtllm
+    from services.worker.config import WorkerSettings
+
+    seen = {}
+    monkeypatch.setattr(trtllm, "TrtLlmEngine", lambda model, **kw: seen.update(kw, model=model) or "engine")
+    s = WorkerSettings(backend="trtllm", model="/models/x", trtllm_max_batch_size=64, trtllm_max_num_tokens=16384,
+                       trtllm_chunked_prefill=False)
+    assert backends.create_engine(s) == "engine"
+    assert (seen["max_batch_size"], seen["max_num_tokens"], seen["chunked_prefill"]) == (64, 16384, False)
+    seen.clear()
+    backends.create_engine(WorkerSettings(backend="trtllm", model="/models/x"))
+    assert (seen["max_batch_size"], seen["max_num_tokens"], seen["chunked_prefill"]) == (None, None, True)
 
 
 # ---- on a GPU node ------------------------------------------------------------------

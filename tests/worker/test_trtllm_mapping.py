@@ -1,14 +1,19 @@
-"""The TensorRT-LLM backend's pure logic, with plain fakes shaped like TRT's objects
-(Logprob(logprob, rank) dicts, finish_reason / stop_reason strings)."""
+"""The TensorRT-LLM backend's pure logic (trtllm_mapping, trtllm_limits), with plain
+fakes shaped like TRT's objects (Logprob(logprob, rank) dicts, finish_reason /
+stop_reason strings, timedelta perf metrics)."""
 from __future__ import annotations
 
+import datetime
+import enum
 import json
 import math
+import types
 from dataclasses import dataclass
 
 import numpy as np
 import pytest
 
+from services.worker.backends import trtllm_limits as lim
 from services.worker.backends import trtllm_mapping as m
 from services.worker.logits_engine import TokenModel
 from services.worker.stepcut import StepCutter
@@ -19,6 +24,10 @@ from services.worker.types import ChatMessage, FinishReason, SamplingParams, Tim
 class Logprob:  # the shape of tensorrt_llm.executor.result.Logprob
     logprob: float
     rank: int | None = None
+
+
+class LogprobMode(str, enum.Enum):  # the shape of tensorrt_llm.sampling_params.LogprobMode (PR #9675)
+    RAW, PROCESSED = "raw", "processed"
 
 
 def entropy_of(logprobs) -> float:
@@ -153,6 +162,7 @@ def test_render_chat_continue_keeps_trailing_boundary():
 TRT_FIELDS = {
     "end_id", "max_tokens", "stop_token_ids", "include_stop_str_in_output", "logprobs_mode", "top_k",
     "top_p", "seed", "temperature", "logprobs", "return_generation_logits", "ignore_eos", "detokenize",
+    "return_perf_metrics",
 }
 
 
@@ -193,17 +203,22 @@ def test_glimpse_params_read_the_models_own_distribution():
 def test_optional_fields_only_when_asked():
     plain = m.sampling_kwargs(SamplingParams(), max_tokens=4, raw_mode="raw")
     assert "logprobs" not in plain and "logprobs_mode" not in plain and "return_generation_logits" not in plain
+    assert "return_perf_metrics" not in plain  # a release without the field would refuse it
     kw = m.sampling_kwargs(SamplingParams(), max_tokens=4, stop_token_ids=[9, 4, 4], end_id=0,
-                           generation_logits=True, logprobs=5)
+                           generation_logits=True, logprobs=5, perf_metrics=True)
     assert kw["stop_token_ids"] == [4, 9] and kw["include_stop_str_in_output"] is True
     assert kw["end_id"] == 0 and kw["return_generation_logits"] is True and "logprobs_mode" not in kw
+    assert kw["return_perf_metrics"] is True
     assert set(kw) | set(plain) <= TRT_FIELDS
 
 
-def test_raw_logprobs_mode_by_release():
-    assert m.raw_logprobs_mode(["raw", "processed"]) == "raw"
-    assert m.raw_logprobs_mode(["raw_logits", "raw_logprobs", "processed_logits", "processed_logprobs"]) == "raw_logprobs"
-    assert m.raw_logprobs_mode([]) is None and m.raw_logprobs_mode(None) is None
+def test_seed_is_sent_for_samplers_that_honour_it():
+    """TorchSampler of 1.2 ignores it (lim.SEED_NOTE); it is still sent, moved on per
+    round, and the raw-logprobs enum member goes out as it is."""
+    kw = m.sampling_kwargs(SamplingParams(temperature=0.6, seed=2**64 - 1), max_tokens=1, seed_offset=1,
+                           logprobs=3, raw_mode=LogprobMode.RAW)
+    assert kw["seed"] == 0 and kw["logprobs_mode"] is LogprobMode.RAW
+    assert "#17172" in lim.SEED_NOTE and "not reproducible" in lim.SEED_NOTE
 
 
 def test_stop_ids_include_merged_boundary_tokens():
@@ -320,3 +335,137 @@ def test_eos_tail_and_budget():
 )
 def test_after_stream(trt_finish, stop_reason, new, produced, expected):
     assert m.after_stream(trt_finish, stop_reason, new, produced, max_tokens=8) == expected
+
+
+# ---- trtllm_limits: what TRT refuses, and what the worker advertises --------------
+
+
+def upstream_check_arguments(llm_args, prompt_len: int, query_len: int = 0) -> None:
+    """BaseLLM._check_arguments of tensorrt_llm/llmapi/llm.py, PyTorch backend, as read
+    upstream (cp_size 1): the rule the advertised context length must respect."""
+    if not llm_args.get("enable_chunked_prefill"):
+        max_num_tokens = llm_args.get("max_num_tokens") or lim.DEFAULT_MAX_NUM_TOKENS
+        if prompt_len + query_len > max_num_tokens:
+            raise ValueError(f"The sum of prompt length ({float(prompt_len)}), query length ({query_len}) "
+                             f"should not exceed max_num_tokens ({max_num_tokens})")
+
+
+def kv():
+    return types.SimpleNamespace(enable_block_reuse=True)
+
+
+def test_chunked_prefill_is_on_unless_turned_off():
+    args = lim.llm_kwargs("/m", kv_cache_config=kv())
+    assert args["enable_chunked_prefill"] is True and args["kv_cache_config"].enable_block_reuse
+    assert not {"max_num_tokens", "max_batch_size", "max_seq_len", "gather_generation_logits"} & set(args)
+    args = lim.llm_kwargs("/m", kv_cache_config=kv(), chunked_prefill=False, max_num_tokens=4096, max_batch_size=64,
+                          exact_entropy=True, extra={"max_batch_size": 32})
+    assert (args["enable_chunked_prefill"], args["max_num_tokens"]) == (False, 4096)
+    assert args["gather_generation_logits"] is True
+    assert args["max_batch_size"] == 32  # llm_kwargs win
+
+
+@pytest.mark.parametrize(
+    "args, config, expected",
+    [
+        ({"enable_chunked_prefill": True}, {"max_position_embeddings": 40960}, 40960),
+        ({"enable_chunked_prefill": True, "max_seq_len": 16384}, {"max_position_embeddings": 40960}, 16384),
+        ({"enable_chunked_prefill": False}, {"max_position_embeddings": 40960}, 8193),
+        ({"enable_chunked_prefill": False, "max_num_tokens": 32768}, {"max_position_embeddings": 40960}, 32769),
+        ({"enable_chunked_prefill": False, "max_num_tokens": 32768}, {"max_position_embeddings": 4096}, 4096),
+        ({}, {"max_position_embeddings": 40960}, 8193),  # chunked prefill defaults to off upstream
+    ],
+)
+def test_context_length_is_what_trt_accepts(args, config, expected):
+    assert lim.context_length(args, config) == expected
+    # every prompt the worker's validation lets through (< context length) passes TRT's check
+    upstream_check_arguments(args, expected - 1)
+    limit = (args.get("max_num_tokens") or lim.DEFAULT_MAX_NUM_TOKENS) + 1
+    if not args.get("enable_chunked_prefill") and expected == limit:  # and not a token more conservative
+        with pytest.raises(ValueError, match="max_num_tokens"):
+            upstream_check_arguments(args, expected)
+
+
+def test_refusals_are_recognised_and_name_the_fix():
+    class RequestError(RuntimeError):  # tensorrt_llm.executor.utils.RequestError
+        pass
+
+    RequestError.__module__ = "tensorrt_llm.executor.utils"
+
+    class OtherRequestError(RuntimeError):
+        pass
+
+    OtherRequestError.__name__ = "RequestError"
+    assert lim.is_refusal(ValueError("x")) and lim.is_refusal(RequestError("x"))
+    assert not lim.is_refusal(RuntimeError("CUDA error")) and not lim.is_refusal(OtherRequestError("x"))
+    with pytest.raises(ValueError) as info:
+        upstream_check_arguments({}, 9351)
+    text = lim.refusal_message(info.value, 9351)
+    assert "9351 prompt tokens" in text and "max_num_tokens (8192)" in text and "--trtllm-chunked-prefill" in text
+    assert "--trtllm" not in lim.refusal_message(ValueError("best_of must be >= n"), 3)
+
+
+def test_logprobs_cap_is_refused_by_name():
+    assert lim.logprobs_cap(20) == 20 and lim.logprobs_cap(100) == 100
+    assert lim.logprobs_cap(None) is None and lim.logprobs_cap("x") is None and lim.logprobs_cap(0) is None
+    lim.check_logprobs(20, 20, exact_entropy_helps=True)
+    lim.check_logprobs(1000, None, exact_entropy_helps=True)  # a release without the check
+    with pytest.raises(ValueError, match=r"top_k 21 .*at most 20.*MAX_TOP_LOGPROBS.*--trtllm-exact-entropy"):
+        lim.check_logprobs(21, 20, exact_entropy_helps=True)
+    with pytest.raises(ValueError) as info:
+        lim.check_logprobs(21, 20, exact_entropy_helps=False)
+    assert "exact-entropy" not in str(info.value)
+
+
+def test_raw_logprobs_mode_is_the_member_named_raw():
+    class ByValue(enum.Enum):
+        A, B = "raw", "processed"
+
+    class Neither(enum.Enum):
+        X = "processed"
+
+    assert lim.raw_logprobs_mode({"logprobs_mode": LogprobMode.PROCESSED}) is LogprobMode.RAW
+    assert lim.raw_logprobs_mode({"logprobs_mode": ByValue.B}) is ByValue.A
+    assert lim.raw_logprobs_mode({"logprobs_mode": Neither.X}) is None
+    assert lim.raw_logprobs_mode({"logprobs_mode": "raw"}) == "raw"
+    assert lim.raw_logprobs_mode({"logprobs": None}) is None  # no field: 1.2.x without PR #9675
+    # The "raw_logprobs" naming of the unmerged PR #9302 is not a release's: not taken for raw.
+    assert lim.raw_logprobs_mode({"logprobs_mode": "raw_logprobs"}) is None
+
+
+@pytest.mark.parametrize(
+    "greedy, exact, raw_mode, path",
+    [
+        (True, False, None, lim.StepPath.GREEDY),
+        (True, True, LogprobMode.RAW, lim.StepPath.GREEDY),
+        (False, True, None, lim.StepPath.LOGITS),
+        (False, False, LogprobMode.RAW, lim.StepPath.RAW_LOGPROBS),
+        (False, False, None, lim.StepPath.NO_LOGPROBS_MODE),
+    ],
+)
+def test_step_path(greedy, exact, raw_mode, path):
+    assert lim.step_path(greedy, exact, raw_mode) is path
+
+
+def test_sampled_step_path_is_described_once():
+    without = lim.describe_sampled_steps(False, None)
+    assert "two requests" in without and "#9675" in without
+    assert "one request" in lim.describe_sampled_steps(False, LogprobMode.RAW)
+    assert "generation logits" in lim.describe_sampled_steps(True, None)
+
+
+def test_queue_time_from_perf_metrics():
+    def perf(arrival, scheduled):
+        td = datetime.timedelta
+        return types.SimpleNamespace(timing_metrics=types.SimpleNamespace(
+            arrival_time=td(seconds=arrival), first_scheduled_time=td(seconds=scheduled)))
+
+    assert m.queue_ms(perf(100.0, 100.0125)) == pytest.approx(12.5)
+    assert m.queue_ms(perf(100.0, 0.0)) == 0.0  # not scheduled yet
+    assert m.queue_ms(None) == 0.0 and m.queue_ms(types.SimpleNamespace(timing_metrics=None)) == 0.0
+
+
+def test_exact_entropy_buffer_estimate():
+    qwen3_vocab = 151936
+    assert lim.logits_buffer_bytes(None, qwen3_vocab) == 2048 * qwen3_vocab * 4  # ~1.16 GiB at TRT's default
+    assert lim.logits_buffer_bytes(128, qwen3_vocab) == 128 * qwen3_vocab * 4  # ~74 MiB

@@ -52,6 +52,9 @@ def create_engine(s: WorkerSettings) -> Engine:
             exact_entropy=s.trtllm_exact_entropy,
             kv_free_fraction=s.trtllm_kv_free_fraction,
             max_seq_len=s.trtllm_max_seq_len or None,
+            max_batch_size=s.trtllm_max_batch_size or None,
+            max_num_tokens=s.trtllm_max_num_tokens or None,
+            chunked_prefill=s.trtllm_chunked_prefill,
             tensor_parallel_size=s.trtllm_tensor_parallel_size,
         )
     raise ValueError(f"unknown backend {s.backend!r} (choose from {', '.join(BACKENDS)})")

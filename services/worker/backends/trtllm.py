@@ -1,28 +1,41 @@
 """The production GPU backend: an Engine over TensorRT-LLM's LLM API (written against
 the documented API of 1.2.x, with fallbacks for 1.0; docs/trtllm.md says what has run).
-Decisions that are not engine calls live in `trtllm_mapping`, tested without a GPU.
+Decisions that are not engine calls live in `trtllm_mapping` and `trtllm_limits`,
+tested without a GPU.
 
 TRT batches concurrent requests itself (in-flight batching), so unlike LogitsEngine
-nothing is serialised here; queue time is not observable and is reported as 0.
+nothing is serialised here; queue time is read from each request's perf metrics.
 """
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import enum
 import inspect
+import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Sequence
 
+from prometheus_client import Counter
+
+from services.worker.backends import trtllm_limits as lim
 from services.worker.backends import trtllm_mapping as m
 from services.worker.engine import CancelToken, Engine, EngineError
 from services.worker.stepcut import StepCutter
 from services.worker.types import (ChatMessage, Chunk, Decision, EntropyMethod, FinishReason, Generation,
                                   Glimpse, ModelInfo, SamplingParams, StepResult, StopParams, Timings)
 
+log = logging.getLogger(__name__)
+
 INSTALL_HINT = "install the trtllm extra on a GPU node: pip install 'glimprouter[trtllm]'"
 _POLL_S = 0.02  # how often a request checks its CancelToken
+
+STEPS = Counter(
+    "glimprouter_worker_trtllm_steps_total",
+    "Steps on the TensorRT-LLM backend by how the first token was obtained (trtllm_limits.StepPath)",
+    ["model", "path"],
+)
 
 
 class TrtLlmUnavailable(EngineError, ImportError):
@@ -39,19 +52,19 @@ def _import_trtllm() -> tuple[Any, Any, Any]:
     return tensorrt_llm.LLM, tensorrt_llm.SamplingParams, KvCacheConfig
 
 
-def _logprob_modes(sampling_params_cls: Any) -> list[str]:
-    """The values SamplingParams.logprobs_mode accepts, read from its default (an
-    enum, LogprobMode.RAW on 1.2) so no private module path is relied on."""
+def _fields(sampling_params_cls: Any) -> dict[str, Any]:
+    """SamplingParams' fields and their defaults (a dataclass on 1.x), read once so the
+    release's capabilities are detected without private module paths."""
     try:
-        fields = {f.name: f.default for f in dataclasses.fields(sampling_params_cls)}
+        return {f.name: f.default for f in dataclasses.fields(sampling_params_cls)}
     except TypeError:
-        fields = {n: p.default for n, p in inspect.signature(sampling_params_cls).parameters.items()}
-    if "logprobs_mode" not in fields:
-        return []
-    default = fields["logprobs_mode"]
-    if isinstance(default, enum.Enum):
-        return [str(v.value) for v in type(default)]
-    return [str(default)]
+        return {n: p.default for n, p in inspect.signature(sampling_params_cls).parameters.items()}
+
+
+def _module_constant(cls: Any, name: str) -> Any:
+    """A constant of the module that defines `cls` (tensorrt_llm.sampling_params for
+    SamplingParams), or None."""
+    return getattr(sys.modules.get(getattr(cls, "__module__", "")), name, None)
 
 
 def _to_numpy(t: Any) -> Any:
@@ -69,6 +82,8 @@ class TrtLlmEngine(Engine):
         kv_free_fraction: float = 0.85,
         max_seq_len: int | None = None,
         max_batch_size: int | None = None,
+        max_num_tokens: int | None = None,
+        chunked_prefill: bool = True,
         tensor_parallel_size: int = 1,
         trust_remote_code: bool = False,
         llm_kwargs: dict[str, Any] | None = None,
@@ -76,23 +91,31 @@ class TrtLlmEngine(Engine):
         """`model`: a local HF model directory (or TRT checkpoint with its tokenizer).
         `tokenizer`: a directory, or an already loaded HF tokenizer. `exact_entropy`
         builds the LLM with gather_generation_logits so a glimpse can compute the
-        full-vocabulary entropy (one vocab-sized copy to the host per glimpse).
-        The model itself is loaded by start()."""
+        full-vocabulary entropy (one vocab-sized copy to the host per glimpse; buffers
+        that grow with `max_batch_size`, see trtllm_limits.logits_buffer_bytes).
+        `chunked_prefill` lets prompts longer than `max_num_tokens` in. `llm_kwargs`
+        go to tensorrt_llm.LLM last, overriding the rest. The model is loaded by start()."""
         self._LLM, self._SP, self._KvCacheConfig = _import_trtllm()
-        self._raw_mode = m.raw_logprobs_mode(_logprob_modes(self._SP))
+        sp_fields = _fields(self._SP)
+        # Detected once: which path sampled Steps take, and how many logprobs TRT returns.
+        self._raw_mode = lim.raw_logprobs_mode(sp_fields)
+        self._logprobs_cap = lim.logprobs_cap(_module_constant(self._SP, "MAX_TOP_LOGPROBS"))
+        self._perf_metrics = "return_perf_metrics" in sp_fields
         self._exact = exact_entropy
-        self._llm_args = {
-            "model": model,
-            "tensor_parallel_size": tensor_parallel_size,
-            "trust_remote_code": trust_remote_code,
+        self._llm_args = lim.llm_kwargs(
+            model,
             # Block reuse is what makes Step's continuation and a router's growing
             # prompts cheap: the shared prefix is not prefilled again.
-            "kv_cache_config": self._KvCacheConfig(enable_block_reuse=True, free_gpu_memory_fraction=kv_free_fraction),
-            **({"gather_generation_logits": True} if exact_entropy else {}),
-            **({"max_seq_len": max_seq_len} if max_seq_len else {}),
-            **({"max_batch_size": max_batch_size} if max_batch_size else {}),
-            **(llm_kwargs or {}),
-        }
+            kv_cache_config=self._KvCacheConfig(enable_block_reuse=True, free_gpu_memory_fraction=kv_free_fraction),
+            tensor_parallel_size=tensor_parallel_size,
+            trust_remote_code=trust_remote_code,
+            exact_entropy=exact_entropy,
+            max_seq_len=max_seq_len,
+            max_batch_size=max_batch_size,
+            max_num_tokens=max_num_tokens,
+            chunked_prefill=chunked_prefill,
+            extra=llm_kwargs,
+        )
         if tokenizer is None or isinstance(tokenizer, (str, Path)):
             from transformers import AutoTokenizer  # a dependency of tensorrt_llm
 
@@ -113,7 +136,8 @@ class TrtLlmEngine(Engine):
             model_id=model_id or Path(model).name,
             backend="trtllm",
             vocab_size=vocab_size,
-            context_length=m.context_length(max_seq_len, config),
+            # The length TRT accepts with these arguments, not only the model's own.
+            context_length=lim.context_length(self._llm_args, config),
             eos_token_ids=eos,
             bos_token_id=bos,
             has_chat_template=bool(getattr(tokenizer, "chat_template", None)),
@@ -122,6 +146,22 @@ class TrtLlmEngine(Engine):
             think_end=think[1],
         )
         self._llm: Any = None
+        self._log_capabilities()
+
+    def _log_capabilities(self) -> None:
+        args = self._llm_args
+        log.info("TensorRT-LLM worker %s: context length %d (chunked prefill %s, max_num_tokens %s)",
+                 self.info.model_id, self.info.context_length, "on" if args.get("enable_chunked_prefill") else "off",
+                 args.get("max_num_tokens") or f"default {lim.DEFAULT_MAX_NUM_TOKENS}")
+        log.info("TensorRT-LLM worker %s: %s", self.info.model_id,
+                 lim.describe_sampled_steps(self._exact, self._raw_mode))
+        log.info("TensorRT-LLM worker %s: top-k logprobs capped at %s; %s", self.info.model_id,
+                 self._logprobs_cap or "no known limit", lim.SEED_NOTE)
+        if self._exact:
+            mib = lim.logits_buffer_bytes(args.get("max_batch_size"), self.info.vocab_size) / 2**20
+            log.info("TensorRT-LLM worker %s: exact entropy keeps generation logits; about %.0f MiB of buffers "
+                     "(max_batch_size x vocab x 4 bytes, an estimate; lower --trtllm-max-batch-size to shrink)",
+                     self.info.model_id, mib)
 
     # ---- lifecycle -------------------------------------------------------------
     async def start(self) -> None:
@@ -175,18 +215,40 @@ class TrtLlmEngine(Engine):
         except (TypeError, ValueError) as exc:
             raise EngineError(f"TensorRT-LLM rejected the sampling parameters: {exc}") from exc
 
+    def _sampling_kwargs(self, sampling: SamplingParams | None, **kw: Any) -> dict[str, Any]:
+        return m.sampling_kwargs(sampling, raw_mode=self._raw_mode, perf_metrics=self._perf_metrics, **kw)
+
+    def _check_logprobs(self, top_k: int, *, glimpse: bool) -> None:
+        try:
+            lim.check_logprobs(top_k, self._logprobs_cap, exact_entropy_helps=glimpse and not self._exact)
+        except ValueError as exc:
+            raise EngineError(str(exc)) from exc
+
     def _one_token_params(self, sampling: SamplingParams | None, top_k: int) -> Any:
         # With generation logits everything comes from the raw logits and no logprobs
         # are asked for (some releases then return only the sampled token's logprob:
         # examples/llm-api/llm_inference_logprob.py).
-        return self._params(m.sampling_kwargs(
-            sampling, max_tokens=1, logprobs=None if self._exact else top_k, raw_mode=self._raw_mode,
+        if not self._exact:
+            self._check_logprobs(top_k, glimpse=True)
+        return self._params(self._sampling_kwargs(
+            sampling, max_tokens=1, logprobs=None if self._exact else top_k,
             generation_logits=self._exact, ignore_eos=True,
         ))
 
-    async def _one_token(self, prompt: list[int], params: Any, cancel: CancelToken) -> Any:
+    def _submit(self, prompt: list[int], params: Any, streaming: bool) -> Any:
+        """generate_async, with the requests TRT refuses up front (prompt too long for
+        max_num_tokens, parameters it will not combine) reported as EngineError, which
+        the servicer returns as INVALID_ARGUMENT rather than INTERNAL."""
         self._require_started()
-        req = self._llm.generate_async(list(prompt), params, streaming=False)
+        try:
+            return self._llm.generate_async(list(prompt), params, streaming=streaming)
+        except Exception as exc:
+            if lim.is_refusal(exc):
+                raise EngineError(lim.refusal_message(exc, len(prompt))) from exc
+            raise
+
+    async def _one_token(self, prompt: list[int], params: Any, cancel: CancelToken) -> Any:
+        req = self._submit(prompt, params, streaming=False)
         watcher = asyncio.create_task(self._watch(cancel, req))
         try:
             return await req.aresult()
@@ -200,7 +262,8 @@ class TrtLlmEngine(Engine):
             raise EngineError("the request was cancelled")
         usage = m.usage(prompt_len, getattr(out, "cached_tokens", 0), 0)
         ms = (time.perf_counter() - started) * 1e3
-        timings = Timings(0.0, ms, 0.0, ms)
+        queue = m.queue_ms(getattr(seq, "request_perf_metrics", None))
+        timings = Timings(queue, max(0.0, ms - queue), 0.0, ms)
         try:
             if self._exact and seq.generation_logits is not None:
                 return m.glimpse_from_logits(_to_numpy(seq.generation_logits), top_k, self._text, usage, timings)
@@ -219,14 +282,19 @@ class TrtLlmEngine(Engine):
     ) -> StepResult:
         if method is EntropyMethod.FULL and not self._exact:
             raise EngineError("full-vocabulary entropy needs the worker started with --trtllm-exact-entropy")
+        if not self._exact:
+            self._check_logprobs(top_k, glimpse=True)  # before any fallback: both paths need them
         started = time.perf_counter()
         # One call that samples the step's first token with the step's parameters
         # while reporting the raw distribution, when the release can report it.
-        single = not sampling.greedy and (self._exact or self._raw_mode is not None)
+        path = lim.step_path(sampling.greedy, self._exact, self._raw_mode)
+        single = path in (lim.StepPath.LOGITS, lim.StepPath.RAW_LOGPROBS)
         try:
             params = self._one_token_params(sampling if single else None, top_k)
         except EngineError:  # e.g. a release refusing logprobs > top_k; two calls still work
-            single, params = False, self._one_token_params(None, top_k)
+            single, path = False, lim.StepPath.REFUSED
+            params = self._one_token_params(None, top_k)
+        STEPS.labels(self.info.model_id, path.value).inc()
         out = await self._one_token(prompt, params, cancel)
         g = self._to_glimpse(out, top_k, len(prompt), started)
         value = g.entropy(method)
@@ -244,6 +312,9 @@ class TrtLlmEngine(Engine):
             gen = chunk.final or gen
         assert gen is not None
         gen.usage = dataclasses.replace(g.usage, generated_tokens=gen.usage.generated_tokens)
+        # The stream's time to first token counts from the step's start, glimpse included.
+        gen.timings.queue_ms += g.timings.queue_ms
+        gen.timings.prefill_ms = max(0.0, gen.timings.prefill_ms - g.timings.queue_ms)
         return StepResult(Decision.KEEP, value, g, gen)
 
     def generate(
@@ -276,6 +347,8 @@ class TrtLlmEngine(Engine):
     ) -> AsyncIterator[Chunk]:
         """Generate with TRT stopping on stop ids and us cutting on decoded text;
         `first` is a token already sampled (Step) that the step starts with."""
+        if return_entropies:
+            self._check_logprobs(top_k, glimpse=False)
         eos = self._eos if stop.stop_on_eos else frozenset()
         stop_ids = self._stop_ids.for_request(stop.step_boundary, stop.stop, eos)
         cutter = StepCutter(self._token_bytes, stop.step_boundary, stop.stop)
@@ -284,6 +357,7 @@ class TrtLlmEngine(Engine):
         hs: list[float] = []
         cached: Any = None
         first_at: float | None = None
+        queued: list[float] = []  # per request: TRT's arrival -> first scheduled
         finish: FinishReason | None = None
         if first:
             fed = m.feed_tokens(cutter, first, eos)
@@ -291,7 +365,8 @@ class TrtLlmEngine(Engine):
             finish = fed.finish
             yield Chunk(first[: fed.taken], fed.text)
         # A Step's first token was drawn with the step's seed: later requests move on
-        # from it rather than replaying the same random stream.
+        # from it rather than replaying the same random stream (where seeds are
+        # honoured at all: trtllm_limits.SEED_NOTE).
         rounds = 1 if first else 0
         while finish is None:
             finish = m.budget_finish(len(produced), sampling.max_tokens, room)
@@ -300,21 +375,22 @@ class TrtLlmEngine(Engine):
             if cancel.cancelled:
                 finish = FinishReason.CANCELLED
                 break
-            self._require_started()
-            params = self._params(m.sampling_kwargs(
+            params = self._params(self._sampling_kwargs(
                 sampling, max_tokens=min(sampling.max_tokens, room) - len(produced),
-                logprobs=top_k if return_entropies else None, raw_mode=self._raw_mode,
+                logprobs=top_k if return_entropies else None,
                 stop_token_ids=stop_ids, end_id=self._end_id, ignore_eos=not stop.stop_on_eos, seed_offset=rounds,
             ))
-            req = self._llm.generate_async(prompt + produced, params, streaming=True)
+            req = self._submit(prompt + produced, params, streaming=True)
             watcher = asyncio.create_task(self._watch(cancel, req))
             sent, trt_finish, stop_reason = 0, None, None
+            queued.append(0.0)
             try:
                 async for out in req:
                     seq = out.outputs[0]
                     if cached is None:
                         cached = getattr(out, "cached_tokens", 0)
                     first_at = first_at or time.perf_counter()
+                    queued[-1] = m.queue_ms(getattr(seq, "request_perf_metrics", None)) or queued[-1]
                     new = list(seq.token_ids[sent:])
                     fed = m.feed_tokens(cutter, new, eos)
                     h = m.entropies(seq.logprobs, sent, len(new), fed.taken, top_k) if return_entropies else []
@@ -347,6 +423,8 @@ class TrtLlmEngine(Engine):
                 yield Chunk([], tail_text)
         now = time.perf_counter()
         first_at = first_at or now
-        timings = Timings(0.0, (first_at - started) * 1e3, (now - first_at) * 1e3, (now - started) * 1e3)
+        waited = queued[0] if queued else 0.0  # the part of the time to the first token spent queued
+        timings = Timings(sum(queued), max(0.0, (first_at - started) * 1e3 - waited), (now - first_at) * 1e3,
+                          (now - started) * 1e3)
         usage = m.usage(len(prompt), cached, len(produced))
         yield Chunk([], "", [], Generation(produced, cutter.text, finish, usage, timings, hs, cutter.matched_stop))

@@ -146,22 +146,10 @@ def render_chat(
 # ---- sampling ------------------------------------------------------------------
 
 
-def raw_logprobs_mode(mode_values: Iterable[str] | None) -> str | None:
-    """The value of SamplingParams.logprobs_mode that means "before temperature and
-    top-k/top-p": "raw" in current releases (LogprobMode.RAW, the documented default),
-    "raw_logprobs" in some 1.1 builds (tests/unittest/_torch/sampler/test_logprobs_mode*.py);
-    None when the field does not exist (1.0: logprobs follow the sampling config)."""
-    values = [str(v) for v in mode_values or ()]
-    for candidate in ("raw", "raw_logprobs"):
-        if candidate in values:
-            return candidate
-    return None
-
-
 def sampling_kwargs(
     sampling: SamplingParams | None, *, max_tokens: int, logprobs: int | None = None,
-    raw_mode: str | None = None, generation_logits: bool = False, stop_token_ids: Iterable[int] = (),
-    end_id: int | None = None, ignore_eos: bool = False, seed_offset: int = 0,
+    raw_mode: Any = None, generation_logits: bool = False, stop_token_ids: Iterable[int] = (),
+    end_id: int | None = None, ignore_eos: bool = False, seed_offset: int = 0, perf_metrics: bool = False,
 ) -> dict[str, Any]:
     """Keyword arguments for tensorrt_llm.SamplingParams. `sampling=None` asks for the
     model's own distribution (temperature 1, no cuts): a glimpse reads logprobs and
@@ -171,6 +159,10 @@ def sampling_kwargs(
     # default" (tensorrt_llm/sampling_params.py): every field we rely on is explicit,
     # also so that generation_config='auto' defaults never leak in.
     kw: dict[str, Any] = {"max_tokens": max_tokens, "detokenize": False}
+    if perf_metrics:
+        # The result then carries the request's timing metrics, the only place its
+        # queue time is observable (queue_ms).
+        kw["return_perf_metrics"] = True
     if sampling is None:
         # top_p is explicit because earlier releases refuse logprobs > 1 on a request
         # they consider greedy (tests/unittest/_torch/sampler/test_return_top_k_logprobs.py).
@@ -183,10 +175,12 @@ def sampling_kwargs(
     else:
         kw.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
     if sampling is not None and sampling.seed is not None:
+        # Sent for samplers that honour it; the default TorchSampler of 1.2 does not
+        # (trtllm_limits.SEED_NOTE), so nothing here relies on it.
         kw["seed"] = (sampling.seed + seed_offset) % (1 << 64)
     if logprobs:
         kw["logprobs"] = logprobs
-        if raw_mode:
+        if raw_mode is not None:  # trtllm_limits.raw_logprobs_mode
             kw["logprobs_mode"] = raw_mode
     if generation_logits:
         kw["return_generation_logits"] = True
@@ -296,6 +290,21 @@ def usage(prompt_tokens: int, cached_tokens: Any, generated: int) -> Usage:
     (tensorrt_llm/grpc/openengine/formatting.py reads it); older ones lack it."""
     cached = max(0, min(int(cached_tokens or 0), prompt_tokens))
     return Usage(prompt_tokens, cached, prompt_tokens - cached, generated)
+
+
+def queue_ms(perf_metrics: Any) -> float:
+    """Time the request waited for the executor, from CompletionOutput.request_perf_metrics
+    (filled when SamplingParams.return_perf_metrics is set, tensorrt_llm/executor/result.py):
+    arrival to first scheduling, as result.py's _process_req_perf_metrics computes
+    REQUEST_QUEUE_TIME. The times are timedeltas, zero until they happen; 0 when absent."""
+    timing = getattr(perf_metrics, "timing_metrics", None)
+    try:
+        arrival, scheduled = timing.arrival_time, timing.first_scheduled_time
+        if scheduled.total_seconds() <= 0 or arrival.total_seconds() <= 0:
+            return 0.0
+        return max(0.0, (scheduled - arrival).total_seconds() * 1e3)
+    except (AttributeError, TypeError):
+        return 0.0
 
 
 # ---- streamed output -> step boundaries and finish reasons ---------------------
