@@ -16,10 +16,12 @@ import asyncio
 import os
 import statistics
 import time
+from pathlib import Path
 
 import grpc
 import redis
 
+from benchmarks import profile
 from benchmarks.report import write_section
 from glimprouter.v1 import router_pb2 as pb
 from glimprouter.v1 import router_pb2_grpc
@@ -95,6 +97,8 @@ def main() -> int:
     ap.add_argument("--sessions-per-client", type=int, default=4, help="sessions each concurrent client runs (min 64 sessions per level)")
     ap.add_argument("--policy", default="glimpse")
     ap.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
+    ap.add_argument("--profile", metavar="DIR", help="also record the router with py-spy during each level (raw stacks in DIR) "
+                    "and print its top costs; the CPU figures of a profiled run are not comparable")
     args = ap.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
 
@@ -121,9 +125,13 @@ def main() -> int:
         rows = []
         for n in levels:
             sessions = max(64, n * args.sessions_per_client)
+            rec = profile.Recording(router.proc.pid, Path(args.profile) / f"router-{n}.txt") if args.profile else None
             before_cmd, before_cpu = command_counts(r), cpu_seconds(router.proc.pid)
             res = asyncio.run(run_level(router.address, n, sessions, args.policy))
             after_cmd, after_cpu = command_counts(r), cpu_seconds(router.proc.pid)
+            if rec is not None:
+                top = profile.top(rec.stop())
+                print(f"py-spy, {n} sessions ({top['samples']} samples):\n{profile.table(top)}", flush=True)
             delta = {k: after_cmd.get(k, 0) - before_cmd.get(k, 0) for k in after_cmd}
             steps = res["steps"] + 7  # include the warm-up session's steps in the per-step counts
             scripts = sum(v for k, v in delta.items() if k in ("cmdstat_evalsha", "cmdstat_eval"))
