@@ -86,7 +86,7 @@ def _ask(ns: argparse.Namespace) -> int:
 def _session(ns: argparse.Namespace) -> int:
     from cli.ask import describe_rpc_error
     from cli.render import Style, session_table
-    from gateway.sessions import session_json
+    from services.router.api.jsonview import session_json
 
     s = settings_mod.from_namespace(SessionSettings, ns)
 

@@ -9,9 +9,22 @@ from typing import TextIO
 import grpc
 
 from cli.config import AskSettings
-from cli.render import Style, boxed, started_line, step_block, summary_line
-from gateway.chat import ChatRequest, Routing
-from gateway.events import AnswerDelta, Done, Started, Step
+from cli.render import StepText, Style, boxed, started_line, step_head, summary_line
+from services.router.api.types import (
+    AnswerBy,
+    AnswerDelta,
+    Budgets,
+    Done,
+    GlimpseMode,
+    Message,
+    ReasonRequest,
+    RoutingOptions,
+    SamplingOptions,
+    Started,
+    Step,
+    StepDelta,
+    StepStart,
+)
 
 
 def parse_params(items: tuple[str, ...] | list[str]) -> dict[str, float]:
@@ -27,18 +40,19 @@ def parse_params(items: tuple[str, ...] | list[str]) -> dict[str, float]:
     return out
 
 
-def build_request(question: str, s: AskSettings) -> ChatRequest:
-    budgets = {k: getattr(s, k) for k in ("step_tokens", "thinking_tokens", "answer_tokens", "max_steps")
-               if getattr(s, k) is not None}
-    return ChatRequest(
-        messages=[("user", question)],
-        session_id=s.session,
-        routing=Routing(policy=s.policy, threshold=s.threshold, params=parse_params(s.params), glimpse_mode=s.glimpse_mode),
-        budgets=budgets,
-        temperature=s.temperature,
-        seed=s.seed,
-        answer_by=s.answer_by,
-    )
+def build_request(question: str, s: AskSettings) -> ReasonRequest:
+    req = ReasonRequest(messages=[Message("user", question)], session_id=s.session)
+    params = parse_params(s.params)
+    if s.policy or s.threshold is not None or params or s.glimpse_mode:
+        req.routing = RoutingOptions(s.policy, s.threshold, params, GlimpseMode(s.glimpse_mode) if s.glimpse_mode else None)
+    budgets = Budgets(s.step_tokens, s.thinking_tokens, s.answer_tokens, s.max_steps)
+    if budgets != Budgets():
+        req.budgets = budgets
+    if s.temperature is not None or s.seed is not None:
+        req.sampling = SamplingOptions(s.temperature, None, s.seed)
+    if s.answer_by != "auto":
+        req.answer_by = AnswerBy(s.answer_by)
+    return req
 
 
 @dataclass
@@ -48,12 +62,14 @@ class AskResult:
 
 
 class Printer:
-    """Writes events as they come: steps with their model and entropy, the answer
-    streamed, then the summary."""
+    """Writes events as they come: each step's marker (its writer and entropy) as soon
+    as the writer is chosen, then its text token by token, the answer streamed, then
+    the summary."""
 
     def __init__(self, out: TextIO, style: Style) -> None:
         self.out, self.style = out, style
         self.answer_open = False
+        self.step: StepText | None = None
         self.t0 = time.monotonic()
 
     def _print(self, text: str = "", end: str = "\n") -> None:
@@ -61,22 +77,32 @@ class Printer:
         self.out.flush()
 
     def event(self, ev) -> None:
-        if isinstance(ev, Started):
-            self._print(started_line(ev, self.style))
+        if isinstance(ev, StepDelta):
+            if self.step is not None:
+                self._print(self.step.feed(ev.text), end="")
+        elif isinstance(ev, StepStart):
+            if self.step is not None:  # the step was cut by a worker fault: it starts again
+                self._print(self.style(f"  (restarted: attempt {ev.attempt})", "red"))
+            self.step = StepText()
+            self._print(step_head(ev, self.style), end="")
         elif isinstance(ev, Step):
-            self._print(step_block(ev, self.style))
+            self.step = None
+            self._print()
+        elif isinstance(ev, Started):
+            self._print(started_line(ev, self.style))
         elif isinstance(ev, AnswerDelta):
+            text = ev.text
             if not self.answer_open:
                 self._print(self.style("answer", "bold"))
                 self.answer_open = True
-                ev = AnswerDelta(ev.text.lstrip(), ev.role)
-            self._print(ev.text, end="")
+                text = text.lstrip()
+            self._print(text, end="")
         elif isinstance(ev, Done):
             if self.answer_open:
                 self._print()
             elif ev.answer:
                 # No answer phase (plain instruct models): the steps are the reply, so
-                # repeat only its \boxed{} result when there is one.
+                # repeat only its \\boxed{} result when there is one.
                 final = boxed(ev.answer)
                 if final is not None:
                     self._print(self.style("answer ", "bold") + final + self.style("  (\\boxed in the steps above)", "dim"))
@@ -94,7 +120,7 @@ async def ask(question: str, s: AskSettings, out: TextIO = sys.stdout, style: St
     call = client.reason_stream(build_request(question, s), timeout=s.timeout_s)
     session_id, done = s.session, None
     try:
-        async for ev in client.events(call):
+        async for ev in call:
             if isinstance(ev, Started):
                 session_id = ev.session_id
             if isinstance(ev, Done):

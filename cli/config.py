@@ -25,7 +25,7 @@ class RouterTarget:
     router_tls_server_name: str = setting("", "name the router's certificate carries, when it is not the host dialled")
 
     def router_client(self):
-        from gateway.router_client import RouterClient
+        from services.router.api.client import RouterClient
         from services.common.tls import ClientTLS
 
         tls = ClientTLS(self.router_tls_ca, self.router_tls_cert, self.router_tls_key, self.router_tls_server_name)

@@ -7,7 +7,7 @@ import os
 import sys
 from typing import TextIO
 
-from gateway.events import SessionInfo, Started, Stats, Step
+from services.router.api.types import SessionInfo, Started, Stats, Step, StepStart
 
 _CODES = {"small": "36", "large": "1;35", "dim": "2", "bold": "1", "red": "31", "green": "32"}
 
@@ -53,18 +53,45 @@ def started_line(ev: Started, style: Style) -> str:
             + style(f"small {ev.small_model}", "small") + " · " + style(f"large {ev.large_model}", "large"))
 
 
-def step_block(step: Step, style: Style) -> str:
-    """One step: a marker with who wrote it and why, then its text, indented."""
-    who = "LARGE" if step.role == "large" else "small"
-    cmp = ">=" if step.decision == "large" else "< "
+def step_head(step: Step | StepStart, style: Style) -> str:
+    """A step's marker: its index, who writes it and why ("[  3] LARGE H=1.23 >= 0.90  ")."""
+    role = step.role.value if step.role else ""
+    who = "LARGE" if role == "large" else "small"
+    cmp = ">=" if step.decision is not None and step.decision.value == "large" else "< "
     value = f"H={fmt_float(step.entropy)}"
     if not math.isnan(step.threshold):
         value += f" {cmp} {fmt_float(step.threshold)}"
-    head = f"[{step.index:>3}] {who:<5} {value:<15}"
+    return style(f"[{step.index:>3}] {who:<5} {value:<15}", role or "small") + " "
+
+
+HEAD_WIDTH = 28  # len of an uncoloured step_head: the step's text is indented under it
+
+
+def step_block(step: Step, style: Style) -> str:
+    """One whole step: its marker, then its text, indented."""
     lines = step.text.strip("\n").splitlines() or [""]
-    pad = " " * len(head)
-    body = "\n".join([lines[0]] + [pad + " " + ln for ln in lines[1:]])
-    return style(head, step.role or "small") + " " + body
+    pad = " " * HEAD_WIDTH
+    return step_head(step, style) + "\n".join([lines[0]] + [pad + ln for ln in lines[1:]])
+
+
+class StepText:
+    """A step's text as it streams in: indented under its marker, without the blank
+    line that ends it (held back until more text shows it was not the end)."""
+
+    def __init__(self) -> None:
+        self.started = False
+        self.held = ""
+
+    def feed(self, text: str) -> str:
+        if not self.started:
+            text = text.lstrip("\n")
+            if not text:
+                return ""
+            self.started = True
+        body = text.rstrip("\n")
+        out = (self.held + body) if body else ""
+        self.held = (self.held if not body else "") + text[len(body):]
+        return out.replace("\n", "\n" + " " * HEAD_WIDTH)
 
 
 def summary_line(stats: Stats, wall_s: float, style: Style) -> str:
@@ -82,8 +109,9 @@ def summary_line(stats: Stats, wall_s: float, style: Style) -> str:
 
 def session_table(info: SessionInfo, style: Style) -> str:
     s = info.stats
+    mode = info.prefix_mode.value if info.prefix_mode else ""
     out = [
-        style(f"session {info.session_id}", "bold") + f"  status {info.status} · turn {info.turn} · prefix {info.prefix_mode}",
+        style(f"session {info.session_id}", "bold") + f"  status {info.status} · turn {info.turn} · prefix {mode}",
         style(f"small {info.small_model}", "small") + " · " + style(f"large {info.large_model}", "large"),
     ]
     if info.error:
@@ -91,11 +119,12 @@ def session_table(info: SessionInfo, style: Style) -> str:
     head = f"{'#':>4} {'turn':>4}  {'model':<6} {'entropy':>8} {'tau':>6}  {'decision':<8} {'tokens':>6} {'latency ms':>11}  model id"
     out += ["", head, "-" * len(head)]
     for st in info.steps:
-        row = (f"{st.index:>4} {st.turn:>4}  {st.role:<6} {fmt_float(st.entropy, 3):>8} {fmt_float(st.threshold):>6}  "
-               f"{st.decision:<8} {st.tokens:>6} {st.latency_ms:>11.1f}  {st.model_id}")
-        out.append(style(row, st.role) if st.role in ("small", "large") else row)
+        role, decision = st.role.value if st.role else "", st.decision.value if st.decision else ""
+        row = (f"{st.index:>4} {st.turn:>4}  {role:<6} {fmt_float(st.entropy, 3):>8} {fmt_float(st.threshold):>6}  "
+               f"{decision:<8} {st.tokens:>6} {st.latency_ms:>11.1f}  {st.model_id}")
+        out.append(style(row, role) if role else row)
     n = len(info.steps)
-    large = sum(1 for st in info.steps if st.role == "large")
+    large = sum(1 for st in info.steps if st.role is not None and st.role.value == "large")
     out += ["", f"{n} steps: {n - large} small, {large} large · intervention rate {large / n if n else 0:.0%}"
             f" · last turn: {s.thinking_tokens} step tokens + {s.answer_tokens} answer tokens"]
     out.append(trace_line(info.trace_ids))

@@ -1,17 +1,24 @@
 """gRPC calls the evaluation makes, each interruptible with Ctrl-C.
 
-A blocking gRPC call in the main thread may hold a KeyboardInterrupt until it
-returns (minutes for a long problem), so calls run as futures polled in short
-waits; Ctrl-C cancels the call and propagates.
+The router is called through its client package (services.router.api), streamed,
+so each problem's time to first token and inter-token latency are measured as a
+user of the stream sees them; each call runs in its own event loop (asyncio.run),
+where Ctrl-C cancels the call (the router stops the session) and propagates.
+
+A blocking gRPC call to a worker in the main thread may hold a KeyboardInterrupt
+until it returns, so those calls run as futures polled in short waits.
 """
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 
-from glimprouter.v1 import router_pb2 as rpb
-from glimprouter.v1 import router_pb2_grpc
 from glimprouter.v1 import worker_pb2 as wpb
 from glimprouter.v1 import worker_pb2_grpc
+from services.router.api import ReasonRequest
+from services.router.api.client import Reply
+from services.router.api.client import RouterClient as AsyncRouterClient
 
 _OPTIONS = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
 
@@ -31,14 +38,16 @@ def wait(future, poll_s: float = 0.25):
 class RouterClient:
     def __init__(self, address: str) -> None:
         self.address = address
-        self.channel = grpc.insecure_channel(address, options=_OPTIONS)
-        self.stub = router_pb2_grpc.RouterStub(self.channel)
 
-    def reason(self, request: rpb.ReasonRequest, timeout_s: float) -> rpb.ReasonResponse:
-        return wait(self.stub.Reason.future(request, timeout=timeout_s))
+    def reason(self, request: ReasonRequest, timeout_s: float) -> Reply:
+        async def call() -> Reply:
+            async with AsyncRouterClient(self.address, max_message_bytes=64 * 1024 * 1024) as client:
+                return await client.reason(request, timeout=timeout_s)
+
+        return asyncio.run(call())
 
     def close(self) -> None:
-        self.channel.close()
+        pass
 
 
 class WorkerClient:

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from glimprouter.v1 import router_pb2 as pb
+from services.router.api import Entropy, GlimpseMode, RoutingOptions
 
 POLICIES = ("glimpse", "large-only", "small-only", "random", "verify", "step-entropy", "adaptive")
 SWEPT = ("glimpse", "step-entropy")  # policies whose tau the --thresholds sweep sets
 _ROUTING_KEYS = ("mode", "entropy", "top_k")
-_MODES = {"fused": pb.GLIMPSE_MODE_FUSED, "separate": pb.GLIMPSE_MODE_SEPARATE}
-_ENTROPIES = {"top_k": pb.ENTROPY_TOP_K, "full": pb.ENTROPY_FULL}
+_MODES = {m.value: m for m in GlimpseMode}
+_ENTROPIES = {e.value: e for e in Entropy}
 DEFAULT_TAU = 0.9
 
 
@@ -60,14 +60,9 @@ class Config:
     def glimpses(self) -> bool:
         return self.policy in ("glimpse", "adaptive")
 
-    def routing(self) -> pb.RoutingOptions:
-        r = pb.RoutingOptions(policy=self.policy, glimpse_mode=_MODES[self.mode], entropy=_ENTROPIES[self.entropy],
-                              params=dict(self.params))
-        if self.threshold is not None:
-            r.threshold = self.threshold
-        if self.top_k is not None:
-            r.top_k = self.top_k
-        return r
+    def routing(self) -> RoutingOptions:
+        return RoutingOptions(self.policy, self.threshold, dict(self.params), _MODES[self.mode], _ENTROPIES[self.entropy],
+                              self.top_k)
 
 
 def _number(text: str, what: str) -> float:

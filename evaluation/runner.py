@@ -25,13 +25,13 @@ from evaluation.configs import Config
 from evaluation.dataset import Problem
 from evaluation.results import ResultsFile
 from evaluation.stack import scrape, usage_delta
-from glimprouter.v1 import router_pb2 as rpb
+from services.router.api import Budgets, Message, ReasonRequest, SamplingOptions, Step
+from services.router.api.types import RoleStats
 
 PROMPT = (
     "{question}\n\nSolve the problem step by step. Separate the steps with a blank line. "
     "Put the final answer in \\boxed{{}}."
 )
-_ROLE = {rpb.ROLE_SMALL: "small", rpb.ROLE_LARGE: "large"}
 
 
 @dataclass
@@ -116,14 +116,12 @@ def plan(opts: RunOptions) -> list[Task]:
     return tasks
 
 
-def request(task: Task, opts: RunOptions) -> rpb.ReasonRequest:
-    return rpb.ReasonRequest(
-        messages=[rpb.Message(role=r, content=c) for r, c in messages(task.problem, opts.prompt_template)],
+def request(task: Task, opts: RunOptions) -> ReasonRequest:
+    return ReasonRequest(
+        messages=[Message(r, c) for r, c in messages(task.problem, opts.prompt_template)],
         routing=task.config.routing(),
-        budgets=rpb.Budgets(step_tokens=opts.step_tokens, thinking_tokens=opts.thinking_tokens,
-                            answer_tokens=opts.answer_tokens, max_steps=opts.max_steps),
-        sampling=rpb.SamplingOptions(temperature=opts.temperature, top_p=opts.top_p,
-                                     seed=seed_for(opts.seed, task.problem.id, task.repeat)),
+        budgets=Budgets(opts.step_tokens, opts.thinking_tokens, opts.answer_tokens, opts.max_steps),
+        sampling=SamplingOptions(opts.temperature, opts.top_p, seed_for(opts.seed, task.problem.id, task.repeat)),
         include_token_ids=True,
     )
 
@@ -132,14 +130,14 @@ def _num(x: float) -> float | None:
     return None if math.isnan(x) else x  # JSON has no NaN
 
 
-def _role_stats(s: rpb.RoleStats) -> dict:
+def _role_stats(s: RoleStats) -> dict:
     return {"steps": s.steps, "generated": s.generated_tokens, "discarded": s.discarded_tokens, "glimpses": s.glimpses,
             "prefilled": s.prefilled_tokens, "cached": s.cached_tokens, "worker_ms": s.worker_ms}
 
 
-def step_dict(s: rpb.StepEvent) -> dict:
+def step_dict(s: Step) -> dict:
     return {
-        "index": s.index, "role": _ROLE.get(s.role, ""), "entropy": _num(s.entropy), "threshold": _num(s.threshold),
+        "index": s.index, "role": s.role.value if s.role else "", "entropy": _num(s.entropy), "threshold": _num(s.threshold),
         "tokens": s.tokens, "discarded": s.discarded_tokens, "prefilled": s.prefilled_tokens,
         "cached": s.cached_tokens, "latency_ms": s.latency_ms, "worker_ms": s.worker_ms,
         "finish": s.finish_reason, "text": s.text, "ids": list(s.token_ids),
@@ -198,15 +196,22 @@ class Runner:
         if before is not None and after is not None:
             usage = {role: usage_delta(before[role], after[role]) for role in before}
             usage["shared_worker"] = self.metrics["small"] == self.metrics["large"]
+        if resp.done is None:
+            return {"kind": "error", **base, "code": "UNKNOWN", "error": "the router's stream ended before its done event",
+                    "t": time.time()}
         g = answers.grade(resp.answer, task.problem.answer)
         steps = [step_dict(s) for s in resp.steps]
-        st = resp.stats
+        st = resp.done.stats
         return {
             "kind": "result", **base,
             "correct": g.correct, "extracted": g.extracted, "gold": task.problem.answer, "method": g.method,
             "latency_s": latency,
+            # As a user of the stream sees them: the first text (of a step or the answer),
+            # and per delta the gap since the previous one over the tokens it carries.
+            "ttft_s": resp.first_text_s,
+            "itl_s": [round(x, 6) for x in resp.token_gaps_s],
             "session_id": resp.session_id,
-            "prefix_mode": "tokens" if resp.prefix_mode == rpb.PREFIX_MODE_TOKENS else "text",
+            "prefix_mode": resp.started.prefix_mode.value if resp.started and resp.started.prefix_mode else "",
             "stats": {"latency_ms": st.latency_ms, "steps": st.steps, "intervention_rate": st.intervention_rate,
                       "thinking_tokens": st.thinking_tokens, "answer_tokens": st.answer_tokens,
                       "thinking_end": st.thinking_end, "answer_end": st.answer_end,

@@ -15,6 +15,7 @@ import uuid
 from typing import AsyncIterator
 
 import grpc
+from opentelemetry import trace
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -26,13 +27,13 @@ from gateway.chat import parse_chat_request
 from gateway.completions import CompletionBuilder
 from gateway.config import GatewaySettings
 from gateway.errors import APIError, bad_request, from_rpc_error
-from gateway.events import Event, Started
 from gateway.metrics import Metrics
-from gateway.router_client import RouterClient
-from gateway.sessions import session_json
 from gateway.tracing import TracingMiddleware
 from services.common import owner as owners
 from services.common import tls
+from services.router.api.client import ReasonCall, RouterClient
+from services.router.api.jsonview import session_json
+from services.router.api.types import AnswerDelta, Event, Started, StepDelta
 
 log = logging.getLogger("glimprouter.gateway")
 
@@ -93,11 +94,35 @@ def _sse(obj: dict) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
+class _Clock:
+    """Time to first token and inter-token latency of one completion, as the gateway
+    receives text from the router; the first text is also an event on the request's span."""
+
+    def __init__(self, metrics: Metrics, stream: bool) -> None:
+        self.label = "true" if stream else "false"
+        self.metrics = metrics
+        self.t0 = time.perf_counter()
+        self.last: float | None = None
+        self.span = trace.get_current_span()
+
+    def feed(self, ev: Event) -> None:
+        if not isinstance(ev, (StepDelta, AnswerDelta)) or not ev.text:
+            return
+        now = time.perf_counter()
+        if self.last is None:
+            self.metrics.ttft.labels(self.label).observe(now - self.t0)
+            if self.span.is_recording():
+                self.span.add_event("first_token", {"glimprouter.time_to_first_token_s": now - self.t0})
+        else:
+            self.metrics.itl.labels(self.label).observe((now - self.last) / max(1, ev.tokens))
+        self.last = now
+
+
 class _Call:
     """One router call bound to one HTTP request: cancelled when the client goes
     away, and released (in-flight count, watcher) exactly once."""
 
-    def __init__(self, gw: Gateway, request: Request, call: grpc.aio.UnaryStreamCall) -> None:
+    def __init__(self, gw: Gateway, request: Request, call: ReasonCall) -> None:
         self.gw, self.call = gw, call
         self.disconnected = False
         self.released = False
@@ -135,9 +160,10 @@ async def chat_completions(request: Request) -> Response:
         raise APIError(429, f"the gateway is serving {gw.in_flight} requests, its limit; retry later", None, "rate_limit_exceeded")
     gw.in_flight += 1
     gw.metrics.in_flight.inc()
-    bound = _Call(gw, request, gw.router.reason_stream(req, timeout=s.request_timeout_s, owner=owner))
+    bound = _Call(gw, request, gw.router.reason_stream(req.reason, timeout=s.request_timeout_s, owner=owner))
     builder = CompletionBuilder(f"chatcmpl-{uuid.uuid4().hex}", s.model_name, include_usage=req.include_usage)
-    events = RouterClient.events(bound.call)
+    clock = _Clock(gw.metrics, req.stream)
+    events = _timed(bound.call.__aiter__(), clock)
     handed_off = False
     try:
         # The first event decides the status: a refusal (bad policy, unknown
@@ -170,6 +196,12 @@ async def chat_completions(request: Request) -> Response:
     finally:
         if not handed_off:
             bound.release()
+
+
+async def _timed(events: AsyncIterator[Event], clock: _Clock) -> AsyncIterator[Event]:
+    async for ev in events:
+        clock.feed(ev)
+        yield ev
 
 
 async def _stream(gw: Gateway, bound: _Call, builder: CompletionBuilder, first: Event, events: AsyncIterator[Event]):
@@ -215,9 +247,8 @@ async def get_session(request: Request) -> Response:
     gw = _gw(request)
     owner = gw.authorize(request)
     try:
-        info = await gw.router.get_session(
-            request.path_params["session_id"], timeout=gw.settings.ready_timeout_s * 5, owner=owner
-        )
+        info = await gw.router.get_session(request.path_params["session_id"], timeout=gw.settings.ready_timeout_s * 5,
+                                           owner=owner)
     except grpc.RpcError as exc:
         raise from_rpc_error(exc) from None
     return JSONResponse(session_json(info))

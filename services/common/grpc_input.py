@@ -10,6 +10,7 @@ message type and what was wrong. Valid requests take exactly the usual path.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 import grpc
@@ -39,6 +40,15 @@ def _guard(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         return handler  # no client-streaming calls in our contracts; left as they are
     if handler.response_streaming:
         inner_stream = handler.unary_stream
+        if not inspect.isasyncgenfunction(inner_stream):
+            # A handler that writes its responses with context.write(): wrapped as a coroutine.
+            async def unary_stream_writer(request, context):
+                if isinstance(request, Undecodable):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+                await inner_stream(request, context)
+
+            return handler._replace(request_deserializer=_safe_deserializer(handler.request_deserializer),
+                                    unary_stream=unary_stream_writer)
 
         async def unary_stream(request, context):
             if isinstance(request, Undecodable):

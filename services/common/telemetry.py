@@ -33,8 +33,11 @@ def trace_content() -> bool:
     return os.environ.get(CONTENT_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def setup(default_service_name: str) -> bool:
-    """Configure tracing once per process; returns whether spans are exported."""
+def setup(default_service_name: str, *, trace_servers: bool = True) -> bool:
+    """Configure tracing once per process; returns whether spans are exported.
+    `trace_servers=False`: the process makes its own gRPC server spans (the router
+    does: OpenTelemetry's server wrapper cannot wrap a handler that writes its
+    stream with context.write)."""
     global _configured
     with _lock:
         if _configured:
@@ -66,7 +69,8 @@ def setup(default_service_name: str) -> bool:
             trace.set_tracer_provider(provider)
             log.info("exporting traces over OTLP")
         no_health = filters.negate(filters.health_check())
-        GrpcAioInstrumentorServer(filter_=no_health).instrument()
+        if trace_servers:
+            GrpcAioInstrumentorServer(filter_=no_health).instrument()
         GrpcAioInstrumentorClient(filter_=no_health).instrument()
         GrpcInstrumentorClient(filter_=no_health).instrument()
         return exporting()

@@ -14,7 +14,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("glimprouter.router").info("starting with %s", settings_mod.describe(s))
     from services.router.server import serve
-    from services.router.types import RouterError
+    from services.router.errors import RouterError
 
     try:
         asyncio.run(serve(s))

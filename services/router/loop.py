@@ -1,11 +1,18 @@
-"""The step loop: plain Python over two WorkerClients and a writer.
+"""The step loop: plain Python over two WorkerClients, a writer and an `emit`.
 
-One turn of a session: the policy writes steps (each ending at "\n\n") until
-thinking ends, then one model may write the answer. Every step is handed to the
-writer (Redis in production) as one record plus the tokens it appends to each
-prefix view, before the step is reported: a step that was not stored was not
-made. Everything the loop needs to continue is in those records, so a turn
-interrupted anywhere resumes from its last stored step.
+One turn of a session: the policy writes steps (each ending at "\\n\\n") until
+thinking ends, then one model may write the answer. Per step the loop emits
+StepStart as soon as the writer is decided, StepDeltas as the writer produces
+text, and Step once the step is stored: every step is handed to the writer
+(Redis in production) as one record plus the tokens it appends to each prefix
+view, and a step that was not stored was not made. Everything the loop needs to
+continue is in those records, so a turn interrupted anywhere resumes from its
+last stored step.
+
+A worker that fails in the middle of a step (after some of it streamed) makes the
+loop write the step again from its start, on another replica when there is one:
+a new StepStart with the same index and attempt + 1 (clients drop the earlier
+attempt's deltas). Nothing of the failed attempt was stored.
 
 Prefix views: in token mode both models read one prefix ("shared") of token ids;
 in text mode each model has its own ("small", "large"): its own rendering of the
@@ -14,29 +21,32 @@ prompt plus its own tokenization of every step's text.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
+import math
 import time
-from dataclasses import dataclass, field
-from typing import AsyncIterator, Protocol
+from typing import AsyncIterator, Awaitable, Callable, Protocol
 
-from services.router import observe
-from services.router.policies import Policy, StepOutcome
-from services.router.types import (
-    STEP_BOUNDARY,
+from services.router import spans
+from services.router.api.types import (
     AnswerBy,
     AnswerDelta,
-    Finished,
-    Kind,
-    Record,
+    Decision,
+    Done,
+    Event,
+    PrefixMode,
     Role,
     RoleStats,
-    SessionCancelled,
-    SessionOptions,
     Stats,
-    StepDone,
+    StepDelta,
+    StepStart,
 )
+from services.router.errors import SessionCancelled, WorkerFault
+from services.router.policies import Policy, StepOutcome
+from services.router.session import STEP_BOUNDARY, Kind, Record, SessionOptions, TurnState, views_for
 from services.router.worker_client import WorkerClient
 from services.worker.types import (
+    Chunk,
+    Decided,
+    Decision as StepDecision,
     EntropyMethod,
     FinishReason,
     Gate,
@@ -44,23 +54,17 @@ from services.worker.types import (
     Generation,
     Glimpse,
     SamplingParams,
-    StepResult,
     StopParams,
 )
 
-TOKEN_MODE = "tokens"
-TEXT_MODE = "text"
+Emit = Callable[[Event], Awaitable[None]]
+Entries = list[tuple[Record, dict[str, list[int]]]]
 
 
 class Writer(Protocol):
-    async def append(self, entries: list[tuple[Record, dict[str, list[int]]]], meta: dict[str, str]) -> None:
-        """Store the records and their tokens atomically, or raise (nothing stored)."""
-
-
-def views_for(mode: str) -> dict[Role, str]:
-    if mode == TOKEN_MODE:
-        return {Role.SMALL: "shared", Role.LARGE: "shared"}
-    return {Role.SMALL: "small", Role.LARGE: "large"}
+    async def append(self, entries: Entries, fields: dict[str, str], *, turn_end: bool = False) -> None:
+        """Store the records and their tokens atomically, or raise (nothing stored).
+        `turn_end`: the turn's last write (the session's lease may be let go with it)."""
 
 
 def step_seed(seed: int, index: int) -> int:
@@ -68,40 +72,8 @@ def step_seed(seed: int, index: int) -> int:
     return (seed * 0x9E3779B97F4A7C15 + index * 0xBF58476D1CE4E5B9 + 1) % (1 << 63)
 
 
-@dataclass
-class TurnState:
-    """Where a session stands; rebuilt from its log when a turn resumes."""
-
-    session_id: str
-    turn: int
-    mode: str
-    seed: int
-    think: bool
-    think_end: str
-    prefixes: dict[str, list[int]]
-    log_len: int  # records in the log: the position the next write must find
-    session_steps: list[Record] = field(default_factory=list)  # every step over all turns
-    turn_records: list[Record] = field(default_factory=list)  # this turn's records
-    resumed_steps: int = 0
-
-    @property
-    def turn_steps(self) -> list[Record]:
-        return [r for r in self.turn_records if r.kind is Kind.STEP]
-
-    @property
-    def thinking_end(self) -> str:
-        steps = self.turn_steps
-        return steps[-1].end_reason if steps else ""
-
-    @property
-    def answer_record(self) -> Record | None:
-        return next((r for r in self.turn_records if r.kind is Kind.ANSWER), None)
-
-
 def answer_writer(options: SessionOptions, think: bool) -> Role | None:
-    by = options.answer_by
-    if by is AnswerBy.AUTO:
-        by = AnswerBy.LARGE if think else AnswerBy.NONE
+    by = options.answer_by or (AnswerBy.LARGE if think else AnswerBy.NONE)
     return {AnswerBy.LARGE: Role.LARGE, AnswerBy.SMALL: Role.SMALL}.get(by)
 
 
@@ -111,23 +83,32 @@ def needs_answer(options: SessionOptions, think: bool, thinking_end: str) -> boo
 
 
 class _Ctx:
-    """The StepContext a policy sees for one step; times every worker call."""
+    """The StepContext a policy sees for one attempt at one step: it times the worker
+    calls and turns the shown writer's output into StepStart and StepDelta events."""
 
-    def __init__(self, loop: "StepLoop", index: int, max_tokens: int) -> None:
+    def __init__(self, loop: "StepLoop", index: int, max_tokens: int, attempt: int) -> None:
         self.loop = loop
         self.index = index
+        self.attempt = attempt
         self.seed = step_seed(loop.state.seed, index)
-        self.fused = loop.options.routing.glimpse_mode == "fused"
-        self.method = EntropyMethod.FULL if loop.options.routing.entropy == "full" else EntropyMethod.TOP_K
-        self.top_k = loop.options.routing.top_k
+        r = loop.options.routing
+        self.fused = r.glimpse_mode.value == "fused"
+        self.method = EntropyMethod.FULL if r.entropy.value == "full" else EntropyMethod.TOP_K
+        self.top_k = r.top_k
         self.history = loop.state.session_steps
         s = loop.options.sampling
         self.sampling = SamplingParams(temperature=s.temperature, top_p=s.top_p, seed=self.seed, max_tokens=max_tokens)
         self.stop = StopParams(STEP_BOUNDARY, (loop.state.think_end,) if loop.state.think else (), True)
         self.worker_ms = 0.0
+        self.started: Role | None = None
 
     def _prefix(self, role: Role) -> list[int]:
         return self.loop.state.prefixes[self.loop.views[role]]
+
+    def _request(self, role: Role, return_entropies: bool = False) -> GenerateRequest:
+        return GenerateRequest(
+            self._prefix(role), self.sampling, self.stop, self.loop.state.session_id, return_entropies, self.top_k
+        )
 
     async def _timed(self, coro):
         t0 = time.perf_counter()
@@ -136,23 +117,89 @@ class _Ctx:
         finally:
             self.worker_ms += (time.perf_counter() - t0) * 1e3
 
-    def _request(self, role: Role, return_entropies: bool = False) -> GenerateRequest:
-        return GenerateRequest(
-            self._prefix(role), self.sampling, self.stop, self.loop.state.session_id, return_entropies, self.top_k
-        )
+    async def _items(self, stream: AsyncIterator):
+        """The stream's items; the time spent waiting for them counts as worker time
+        (the time the caller takes to receive the deltas does not)."""
+        it = stream.__aiter__()
+        try:
+            while True:
+                t0 = time.perf_counter()
+                try:
+                    item = await it.__anext__()
+                except StopAsyncIteration:
+                    return
+                finally:
+                    self.worker_ms += (time.perf_counter() - t0) * 1e3
+                yield item
+        finally:
+            aclose = getattr(it, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    # ---- what a policy calls ------------------------------------------------------------
+    async def announce(self, role: Role, value: float, threshold: float) -> None:
+        self.started = role
+        decision = Decision.SMALL if role is Role.SMALL else Decision.LARGE
+        await self.loop.emit(StepStart(self.index, self.loop.state.turn, role, self.loop.worker(role).info.model_id,
+                                       decision, value, threshold, self.attempt))
+
+    async def _show(self, chunks: AsyncIterator[Chunk]) -> Generation:
+        final: Generation | None = None
+        ids = self.loop.include_token_ids
+        async with contextlib.aclosing(self._items(chunks)) as items:
+            async for chunk in items:
+                if chunk.text or chunk.token_ids:
+                    await self.loop.emit(StepDelta(self.index, chunk.text, len(chunk.token_ids),
+                                                   list(chunk.token_ids) if ids else []))
+                if chunk.final is not None:
+                    final = chunk.final
+        if final is None:
+            raise WorkerFault("the worker's stream ended without its final chunk")
+        return final
 
     async def glimpse(self) -> Glimpse:
         return await self._timed(self.loop.small.glimpse(self._prefix(Role.SMALL), self.top_k))
 
-    async def write(self, role: Role, return_entropies: bool = False) -> Generation:
+    async def write(self, role: Role, value: float = math.nan, threshold: float = math.nan) -> Generation:
+        await self.announce(role, value, threshold)
+        return await self._show(self.loop.worker(role).generate_stream(self._request(role)))
+
+    async def draft(self, role: Role, return_entropies: bool = False) -> Generation:
         return await self._timed(self.loop.worker(role).generate(self._request(role, return_entropies)))
 
-    async def fused_step(self, threshold: float) -> StepResult:
-        return await self._timed(self.loop.small.step(self._request(Role.SMALL), Gate(self.method, threshold)))
+    async def keep(self, role: Role, draft: Generation, value: float = math.nan, threshold: float = math.nan) -> None:
+        await self.announce(role, value, threshold)
+        ids = list(draft.token_ids) if self.loop.include_token_ids else []
+        await self.loop.emit(StepDelta(self.index, draft.text, len(draft.token_ids), ids))
+
+    async def fused_step(self, tau: float) -> StepOutcome:
+        stream = self.loop.small.step_stream(self._request(Role.SMALL), Gate(self.method, tau))
+        head: Decided | None = None
+        gen: Generation | None = None
+        ids = self.loop.include_token_ids
+        async with contextlib.aclosing(self._items(stream)) as items:
+            async for item in items:
+                if isinstance(item, Decided):
+                    head = item
+                    if item.decision is StepDecision.KEEP:
+                        await self.announce(Role.SMALL, item.entropy, tau)
+                    continue  # on ESCALATE nothing follows: the large model writes the step
+                if item.text or item.token_ids:
+                    await self.loop.emit(StepDelta(self.index, item.text, len(item.token_ids),
+                                                   list(item.token_ids) if ids else []))
+                if item.final is not None:
+                    gen = item.final
+        if head is None:
+            raise WorkerFault("the small worker's Step stream ended without a decision")
+        if head.decision is StepDecision.ESCALATE:
+            return StepOutcome(Role.LARGE, await self.write(Role.LARGE, head.entropy, tau), head.entropy, tau, glimpses=1)
+        if gen is None:
+            raise WorkerFault("the small worker's Step stream ended without its final chunk")
+        return StepOutcome(Role.SMALL, gen, head.entropy, tau, glimpses=1)
 
     async def score(self, draft: Generation, judge_text: str, top_k: int) -> Glimpse:
         large = self.loop.large
-        if self.loop.state.mode == TOKEN_MODE:
+        if self.loop.state.mode is PrefixMode.TOKENS:
             draft_ids = draft.token_ids
         else:
             draft_ids = await self._timed(large.tokenize(draft.text))
@@ -169,9 +216,11 @@ class StepLoop:
         small: WorkerClient,
         large: WorkerClient,
         writer: Writer,
+        emit: Emit,
         *,
         include_token_ids: bool = False,
         max_session_steps: int = 0,
+        attempts: int = 3,
     ) -> None:
         self.state = state
         self.options = options
@@ -179,8 +228,10 @@ class StepLoop:
         self.small = small
         self.large = large
         self.writer = writer
+        self.emit = emit
         self.include_token_ids = include_token_ids
         self.max_session_steps = max_session_steps
+        self.attempts = max(1, attempts)
         self.views = views_for(state.mode)
         self._token_cache: dict[tuple[Role, str], list[int]] = {}
 
@@ -196,142 +247,129 @@ class StepLoop:
     async def _tokens_by_view(self, writer: Role, ids: list[int], text: str) -> dict[str, list[int]]:
         """The tokens one piece of text appends to each view: the writer's own ids,
         and in text mode the other model's tokenization of the same text."""
-        if self.state.mode == TOKEN_MODE:
+        if self.state.mode is PrefixMode.TOKENS:
             return {"shared": list(ids)}
         other = Role.LARGE if writer is Role.SMALL else Role.SMALL
         return {self.views[writer]: list(ids), self.views[other]: await self.worker(other).tokenize(text)}
 
     async def _text_tokens(self, text: str) -> dict[str, list[int]]:
-        if self.state.mode == TOKEN_MODE:
+        if self.state.mode is PrefixMode.TOKENS:
             return {"shared": await self.cached_tokens(Role.SMALL, text)}
         return {self.views[r]: await self.cached_tokens(r, text) for r in (Role.SMALL, Role.LARGE)}
 
-    async def _store(self, entries: list[tuple[Record, dict[str, list[int]]]], meta: dict[str, str]) -> None:
+    async def _store(self, entries: Entries, fields: dict[str, str], turn_end: bool = False) -> None:
         ends = {v: len(ids) for v, ids in self.state.prefixes.items()}
         for record, tokens in entries:
             for v, t in tokens.items():
                 ends[v] += len(t)
             record.prefix_end = dict(ends)
-        await self.writer.append(entries, meta)
-        # Only after the store accepted them do the records count.
-        for record, tokens in entries:
-            for view, ids in tokens.items():
-                self.state.prefixes[view].extend(ids)
-            self.state.turn_records.append(record)
-            if record.kind is Kind.STEP:
-                self.state.session_steps.append(record)
-        self.state.log_len += len(entries)
+        await self.writer.append(entries, fields, turn_end=turn_end)
+        for record, tokens in entries:  # only after the store accepted them do the records count
+            self.state.accept(record, tokens)
 
     # ---- the turn ------------------------------------------------------------------
-    async def run(self) -> AsyncIterator[object]:
+    async def run(self) -> None:
         started = time.perf_counter()
-        observe.turn_started(self.options, self.policy)
         st = self.state
-        answer_role = answer_writer(self.options, st.think)
         while not st.thinking_end:
-            yield await self._one_step()
+            await self._step()
         answer = self._steps_answer()
         answer_end = "none"
         done = st.answer_record
         if done is None and needs_answer(self.options, st.think, st.thinking_end):
-            assert answer_role is not None
-            async for event in self._answer(answer_role):
-                yield event
+            role = answer_writer(self.options, st.think)
+            assert role is not None
+            with spans.answer(role.value, self.worker(role).info.model_id, st.session_id) as span:
+                await self._answer(role, span)
             done = st.answer_record
         if done is not None:
             answer = (answer + done.text) if not st.think else done.text
             answer_end = done.finish_reason
-        stats = self.stats(answer_end, (time.perf_counter() - started) * 1e3)
-        yield Finished(st.session_id, answer.strip(), stats)
+        await self.emit(Done(st.session_id, answer.strip(), turn_stats(st, answer_end, (time.perf_counter() - started) * 1e3)))
 
     def _steps_answer(self) -> str:
         # Plain instruct models: the steps are the reply. Thinking models: the answer
         # comes after </think>.
         return "" if self.state.think else "".join(r.text for r in self.state.turn_steps)
 
-    def _end_reason(self, outcome: StepOutcome, text: str, turn_tokens: int, turn_steps: int) -> str:
-        gen, b = outcome.generation, self.options.budgets
-        prev = self.state.turn_steps[-1].text if self.state.turn_steps else None
+    def _end_reason(self, gen: Generation) -> str:
+        st, b = self.state, self.options.budgets
+        text = gen.text
         if gen.finish_reason is FinishReason.CANCELLED:
             raise SessionCancelled("a worker cancelled the step")
-        if self.state.think and (gen.matched_stop == self.state.think_end or self.state.think_end in text):
+        if st.think and (gen.matched_stop == st.think_end or st.think_end in text):
             return "think_end"
         if gen.finish_reason is FinishReason.EOS:
             return "eos"
         if gen.finish_reason is FinishReason.CONTEXT:
             return "context"
-        if prev is not None and prev == text:
+        if st.turn_steps and st.turn_steps[-1].text == text:
             return "repetition"
-        if turn_tokens >= b.thinking_tokens:
+        if st.turn_tokens + len(gen.token_ids) >= b.thinking_tokens:
             return "budget"
-        if b.max_steps and turn_steps >= b.max_steps:
+        if b.max_steps and len(st.turn_steps) + 1 >= b.max_steps:
             return "max_steps"
-        if self.max_session_steps and len(self.state.session_steps) + 1 >= self.max_session_steps:
+        if self.max_session_steps and len(st.session_steps) + 1 >= self.max_session_steps:
             return "session_steps"
         return ""
 
-    async def _one_step(self) -> StepDone:
-        """`_write_step` inside its span: the worker calls it makes and its Redis write are children."""
-        st = self.state
-        index = len(st.session_steps)
-        with observe.step_span(self.policy, self.options, st.session_id, st.turn, index, self.small.info.model_id) as obs:
-            done = await self._write_step()
-            obs.done(done.record)
-            return done
-
-    async def _write_step(self) -> StepDone:
+    async def _step(self) -> None:
         st, b = self.state, self.options.budgets
-        t0 = time.perf_counter()
-        used = sum(r.tokens for r in st.turn_steps)
         index = len(st.session_steps)
-        ctx = _Ctx(self, index, max(1, min(b.step_tokens, b.thinking_tokens - used)))
-        outcome = await self.policy.write_step(ctx)
-        gen = outcome.generation
-        end = self._end_reason(outcome, gen.text, used + len(gen.token_ids), len(st.turn_steps) + 1)
-        writer = outcome.writer
-        tokens = await ctx._timed(self._tokens_by_view(writer, gen.token_ids, gen.text))
-        record = Record(
-            kind=Kind.STEP,
-            turn=st.turn,
-            index=index,
-            role=writer.value,
-            model_id=self.worker(writer).info.model_id,
-            decision=writer.value,
-            entropy=float(outcome.value),
-            threshold=float(outcome.threshold),
-            text=gen.text,
-            tokens=len(gen.token_ids),
-            discarded_tokens=outcome.discarded_tokens,
-            glimpses=outcome.glimpses,
-            cached_tokens=gen.usage.cached_tokens,
-            prefilled_tokens=gen.usage.prefilled_tokens,
-            latency_ms=(time.perf_counter() - t0) * 1e3,
-            worker_ms=ctx.worker_ms,
-            finish_reason=gen.finish_reason.value,
-            end_reason=end,
-        )
-        meta = {"steps": str(index + 1)}
-        if end and not needs_answer(self.options, st.think, end):
-            meta.update(status="done", answer=(self._steps_answer() + gen.text).strip())
-        await self._store([(record, tokens)], meta)
+        t0 = time.perf_counter()
+        max_tokens = max(1, min(b.step_tokens, b.thinking_tokens - st.turn_tokens))
+        with spans.step(self.policy, self.options, st.session_id, st.turn, index) as span:
+            for attempt in range(1, self.attempts + 1):
+                ctx = _Ctx(self, index, max_tokens, attempt)
+                try:
+                    outcome = await self.policy.write_step(ctx)
+                    break
+                except WorkerFault:
+                    # Part of the step may have streamed: write it again from its start
+                    # (the failed replica is out of the pool's healthy set by now).
+                    if attempt == self.attempts:
+                        raise
+                    spans.restarted(span, attempt)
+            gen = outcome.generation
+            end = self._end_reason(gen)
+            writer = outcome.writer
+            tokens = await ctx._timed(self._tokens_by_view(writer, gen.token_ids, gen.text))
+            if ctx.started is not writer:  # a policy that wrote without announcing: announce now
+                await ctx.keep(writer, gen, outcome.value, outcome.threshold)
+            record = Record(
+                kind=Kind.STEP,
+                turn=st.turn,
+                index=index,
+                role=writer.value,
+                model_id=self.worker(writer).info.model_id,
+                decision=writer.value,
+                entropy=float(outcome.value),
+                threshold=float(outcome.threshold),
+                text=gen.text,
+                tokens=len(gen.token_ids),
+                discarded_tokens=outcome.discarded_tokens,
+                glimpses=outcome.glimpses,
+                cached_tokens=gen.usage.cached_tokens,
+                prefilled_tokens=gen.usage.prefilled_tokens,
+                latency_ms=(time.perf_counter() - t0) * 1e3,
+                worker_ms=ctx.worker_ms,
+                finish_reason=gen.finish_reason.value,
+                end_reason=end,
+            )
+            fields = {"steps": str(index + 1)}
+            done = bool(end) and not needs_answer(self.options, st.think, end)
+            if done:
+                fields.update(status="done", answer=(self._steps_answer() + gen.text).strip())
+            await self._store([(record, tokens)], fields, turn_end=done)
+            spans.step_done(span, self.policy, self.options, record, st.session_id)
         # The stream reports the step's full time, including the store write.
-        shown = dataclasses.replace(record, latency_ms=(time.perf_counter() - t0) * 1e3)
-        return StepDone(shown, list(gen.token_ids) if self.include_token_ids else None)
+        record.latency_ms = (time.perf_counter() - t0) * 1e3
+        await self.emit(record.step(list(gen.token_ids) if self.include_token_ids else None))
 
-    async def _answer(self, role: Role) -> AsyncIterator[object]:
-        """`_write_answer` inside its span; times the first answer text."""
-        with observe.answer_span(role.value, self.worker(role).info.model_id, self.state.session_id) as obs:
-            async with contextlib.aclosing(self._write_answer(role)) as events:
-                async for event in events:
-                    if isinstance(event, AnswerDelta):
-                        obs.text(event.text)
-                    yield event
-            obs.done(self.state.answer_record)
-
-    async def _write_answer(self, role: Role) -> AsyncIterator[object]:
+    async def _answer(self, role: Role, span) -> None:
         st = self.state
         t0 = time.perf_counter()
-        entries: list[tuple[Record, dict[str, list[int]]]] = []
+        entries: Entries = []
         join: dict[str, list[int]] = {v: [] for v in set(self.views.values())}
         if st.think:
             # As the paper's code frames the answer: "<think>{steps}\n</think>\n\n".
@@ -348,11 +386,16 @@ class StepLoop:
         final: Generation | None = None
         worker_t0 = time.perf_counter()
         req = GenerateRequest(st.prefixes[view] + join[view], sampling, stop, st.session_id)
-        async for chunk in worker.generate_stream(req):
-            if chunk.text:
-                yield AnswerDelta(chunk.text, role.value)
-            if chunk.final is not None:
-                final = chunk.final
+        first = True
+        async with contextlib.aclosing(worker.generate_stream(req)) as chunks:
+            async for chunk in chunks:
+                if chunk.text:
+                    if first:
+                        spans.first_chunk(span, time.perf_counter() - t0)
+                        first = False
+                    await self.emit(AnswerDelta(chunk.text, role, len(chunk.token_ids)))
+                if chunk.final is not None:
+                    final = chunk.final
         worker_ms = (time.perf_counter() - worker_t0) * 1e3
         if final is None:
             raise RuntimeError("the answer stream ended without a final chunk")
@@ -373,15 +416,12 @@ class StepLoop:
         )
         entries.append((record, await self._tokens_by_view(role, final.token_ids, final.text)))
         answer = final.text if st.think else self._steps_answer() + final.text
-        await self._store(entries, {"status": "done", "answer": answer.strip()})
-
-    def stats(self, answer_end: str, latency_ms: float) -> Stats:
-        return turn_stats(self.state, answer_end, latency_ms)
+        await self._store(entries, {"status": "done", "answer": answer.strip()}, turn_end=True)
+        spans.answer_done(span, record)
 
 
 def turn_stats(state: TurnState, answer_end: str, latency_ms: float) -> Stats:
     per = {Role.SMALL.value: RoleStats(), Role.LARGE.value: RoleStats()}
-    thinking = 0
     for r in state.turn_steps:
         rs = per[r.role]
         rs.steps += 1
@@ -389,7 +429,6 @@ def turn_stats(state: TurnState, answer_end: str, latency_ms: float) -> Stats:
         rs.prefilled_tokens += r.prefilled_tokens
         rs.cached_tokens += r.cached_tokens
         rs.worker_ms += r.worker_ms
-        thinking += r.tokens
         # Glimpses and discarded drafts are the small model's work whoever wrote the step.
         per[Role.SMALL.value].glimpses += r.glimpses
         per[Role.SMALL.value].discarded_tokens += r.discarded_tokens
@@ -410,7 +449,7 @@ def turn_stats(state: TurnState, answer_end: str, latency_ms: float) -> Stats:
         intervention_rate=(large / steps) if steps else 0.0,
         small=per[Role.SMALL.value],
         large=per[Role.LARGE.value],
-        thinking_tokens=thinking,
+        thinking_tokens=state.turn_tokens,
         answer_tokens=answer.tokens if answer is not None else 0,
         thinking_end=state.thinking_end,
         answer_end=answer_end if answer is not None else "none",

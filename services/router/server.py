@@ -21,11 +21,13 @@ from glimprouter.v1 import router_pb2 as pb
 from glimprouter.v1 import router_pb2_grpc as pb_grpc
 from services.common import grpc_input, telemetry, tls
 from services.common import owner as owners
-from services.router import convert, observe
+from services.router import metrics, spans
+from services.router.api import protomap
+from services.router.api.types import Done, Event, Started, Step
 from services.router.config import RouterSettings
 from services.router.core import RouterCore
+from services.router.errors import InvalidArgument, RouterError
 from services.router.store import SessionStore, redact_url
-from services.router.types import AnswerDelta, Finished, RouterError, Started, StepDone
 from services.router.workers import DEADLINE, WorkerPool
 
 log = logging.getLogger("glimprouter.router")
@@ -35,35 +37,56 @@ LIVENESS = "liveness"
 
 
 @contextlib.asynccontextmanager
-async def _errors(context: grpc.aio.ServicerContext):
-    """Router errors become their status codes with their message; anything else is INTERNAL."""
-    try:
-        yield
-    except RouterError as exc:
-        await context.abort(grpc.StatusCode[exc.code], str(exc))
-    except (asyncio.CancelledError, grpc.aio.AbortError):
-        raise
-    except Exception as exc:
-        if "redis" in type(exc).__module__:
-            log.warning("redis error: %s", exc)
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"session store unavailable: {exc}")
-        log.exception("router call failed")
-        await context.abort(grpc.StatusCode.INTERNAL, "internal error in the router (see its log)")
+async def _call(context: grpc.aio.ServicerContext, method: str):
+    """One call to the router, in its server span: router errors become their status
+    codes with their message; anything else is INTERNAL. Counts the call by its code."""
+    code = "OK"
+    with spans.server_call(SERVICE_NAME, method, context.invocation_metadata()) as span:
+        try:
+            try:
+                yield
+            except RouterError as exc:
+                code = exc.code
+                await context.abort(grpc.StatusCode[exc.code], str(exc))
+            except asyncio.CancelledError:
+                code = "CANCELLED"
+                raise
+            except grpc.aio.AbortError:
+                c = context.code()
+                code = c.name if isinstance(c, grpc.StatusCode) else "UNKNOWN"
+                raise
+            except RedisError as exc:
+                code = "UNAVAILABLE"
+                log.warning("redis error: %s", exc)
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"session store unavailable: {exc}")
+            except Exception:
+                code = "INTERNAL"
+                log.exception("router call failed")
+                await context.abort(grpc.StatusCode.INTERNAL, "internal error in the router (see its log)")
+        finally:
+            metrics.request(method, code)
+            spans.call_ended(span, code)
 
 
 def _owner(context: grpc.aio.ServicerContext) -> str:
     owner = owners.from_metadata(context.invocation_metadata())
     if owner is None:
-        raise RouterError(f"{owners.METADATA_KEY} metadata must be 64 lowercase hex characters", "INVALID_ARGUMENT")
+        raise InvalidArgument(f"{owners.METADATA_KEY} metadata must be 64 lowercase hex characters")
     return owner
 
 
-def _set_deadline(context: grpc.aio.ServicerContext, default_s: float) -> None:
+def _request(request: pb.ReasonRequest, context: grpc.aio.ServicerContext, default_timeout_s: float):
     left = context.time_remaining()
-    DEADLINE.set(time.monotonic() + (left if left is not None else default_s))
+    DEADLINE.set(time.monotonic() + (left if left is not None else default_timeout_s))
+    try:
+        return protomap.request_from_pb(request)
+    except ValueError as exc:  # an enum value this router does not know
+        raise InvalidArgument(str(exc)) from None
 
 
 class RouterServicer(pb_grpc.RouterServicer):
+    """Protobuf in, events out: the core does the work (core.py)."""
+
     def __init__(self, core: RouterCore | None, settings: RouterSettings) -> None:
         self._core = core  # None while the server starts: calls get UNAVAILABLE
         self.settings = settings
@@ -74,48 +97,40 @@ class RouterServicer(pb_grpc.RouterServicer):
             raise RouterError("the router is starting: its worker pools are not connected yet", "UNAVAILABLE")
         return self._core
 
-    async def _events(self, request: pb.ReasonRequest, context):
-        _set_deadline(context, self.settings.request_timeout_s)
-        req = convert.reason_request(request)
-        req.owner = _owner(context)
-        async for ev in self.core.reason(req):
-            yield ev
-
     async def ReasonStream(self, request, context):
-        async with _errors(context):
-            async for ev in self._events(request, context):
-                if isinstance(ev, Started):
-                    yield pb.ReasonEvent(started=pb.SessionStarted(
-                        session_id=ev.session_id, turn=ev.turn, prefix_mode=convert.PREFIX_MODE[ev.prefix_mode],
-                        resumed_steps=ev.resumed_steps, small_model=ev.small_model, large_model=ev.large_model,
-                    ))
-                elif isinstance(ev, StepDone):
-                    yield pb.ReasonEvent(step=convert.step_event(ev.record, ev.token_ids))
-                elif isinstance(ev, AnswerDelta):
-                    yield pb.ReasonEvent(answer=pb.AnswerDelta(text=ev.text, role=convert.ROLE[ev.role]))
-                elif isinstance(ev, Finished):
-                    yield pb.ReasonEvent(done=pb.Done(session_id=ev.session_id, answer=ev.answer, stats=convert.stats(ev.stats)))
+        async with _call(context, "ReasonStream"):
+            req = _request(request, context, self.settings.request_timeout_s)
+
+            async def write(ev: Event) -> None:
+                await context.write(protomap.event_to_pb(ev))
+
+            await self.core.reason(req, write, _owner(context))
 
     async def Reason(self, request, context):
         out = pb.ReasonResponse()
-        async with _errors(context):
-            async for ev in self._events(request, context):
-                if isinstance(ev, Started):
-                    out.session_id, out.turn, out.prefix_mode = ev.session_id, ev.turn, convert.PREFIX_MODE[ev.prefix_mode]
-                elif isinstance(ev, StepDone):
-                    out.steps.append(convert.step_event(ev.record, ev.token_ids))
-                elif isinstance(ev, Finished):
+        async with _call(context, "Reason"):
+            req = _request(request, context, self.settings.request_timeout_s)
+
+            async def collect(ev: Event) -> None:
+                if isinstance(ev, Step):
+                    out.steps.append(protomap.step_to_pb(ev))
+                elif isinstance(ev, Started):
+                    out.session_id, out.turn = ev.session_id, ev.turn
+                    out.prefix_mode = pb.PrefixMode.Value(f"PREFIX_MODE_{ev.prefix_mode.name}")
+                elif isinstance(ev, Done):
                     out.answer = ev.answer
-                    out.stats.CopyFrom(convert.stats(ev.stats))
+                    out.stats.CopyFrom(protomap.stats_to_pb(ev.stats))
+
+            await self.core.reason(req, collect, _owner(context))
         return out
 
     async def GetSession(self, request, context):
-        async with _errors(context):
-            view = await self.core.get_session(request.session_id, owner=_owner(context))
-            return convert.session(view, request.include_prefix)
+        async with _call(context, "GetSession"):
+            info = await self.core.get_session(request.session_id, request.include_prefix, owner=_owner(context))
+            return protomap.session_to_pb(info)
 
     async def CancelSession(self, request, context):
-        async with _errors(context):
+        async with _call(context, "CancelSession"):
             cancelled, status = await self.core.cancel(request.session_id, owner=_owner(context))
             return pb.CancelSessionResponse(cancelled=cancelled, status=status)
 
@@ -144,7 +159,6 @@ class RouterServer:
         }
         self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server(
-            interceptors=[observe.RequestMetrics()],
             options=[
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -185,7 +199,7 @@ class RouterServer:
         return self.port
 
     async def _connect(self) -> None:
-        with observe.untraced():  # startup probes, and the pools' health loops started here, make no spans
+        with spans.untraced():  # startup probes, and the pools' health loops started here, make no spans
             await asyncio.gather(*(p.start(self.settings.connect_timeout_s) for p in self.pools.values()))
             try:
                 await self.store.r.ping()
@@ -195,7 +209,7 @@ class RouterServer:
 
     async def _update_readiness(self) -> None:
         try:
-            with observe.untraced():  # a ping every few seconds is not worth a trace
+            with spans.untraced():  # a ping every few seconds is not worth a trace
                 ok = bool(await self.store.r.ping()) and all(
                     any(ep.healthy for ep in pool.endpoints) for pool in self.pools.values()
                 )
@@ -224,13 +238,15 @@ class RouterServer:
             if left:
                 log.warning("%d session(s) still running after %.0fs of draining: cancelling them", left, grace)
         await self.server.stop(max(0.0, end - time.monotonic()))
+        if self.core is not None:
+            self.core.leases.close()
         for pool in self.pools.values():
             await pool.close()
         await self.store.close()
 
 
 async def serve(settings: RouterSettings) -> None:
-    observe.setup()  # before the server and channels exist: it patches grpc.aio.server and channels
+    spans.setup()  # before the server and channels exist: it patches grpc.aio.server and channels
     metrics_port = telemetry.start_metrics_server(settings.metrics_port, settings.host)
     server = RouterServer(settings)
     stopping = asyncio.Event()
@@ -240,7 +256,7 @@ async def serve(settings: RouterSettings) -> None:
     port = await server.start()
     assert server.core is not None
     # Parents (the CLI, tests) read this line to learn the port when --port 0.
-    print(f"glimprouter-router ready mode={server.core.mode} port={port} metrics_port={metrics_port}", flush=True)
+    print(f"glimprouter-router ready mode={server.core.mode.value} port={port} metrics_port={metrics_port}", flush=True)
     await stopping.wait()
     log.info("shutting down: draining for up to %.0fs", settings.shutdown_grace_s)
     await server.stop()

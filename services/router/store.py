@@ -1,21 +1,35 @@
 """Session state in Redis, shared by every router replica.
 
 Keys of one session (the {id} hash tag keeps them in one cluster slot):
-  <prefix>{<id>}:meta          hash: status, options, mode, models, turn, affinity, ...
+  <prefix>{<id>}:meta          hash: status, options, mode, models, turn, affinity, len, ...
   <prefix>{<id>}:log           list: one JSON record per prompt/turn/step/join/answer
   <prefix>{<id>}:prefix:<view> string: the view's token ids, int32 little-endian, appended
   <prefix>{<id>}:lease         string: "<holder>|<random>" of the router working on it
 and one index of live sessions, <prefix>sessions (sorted set: id -> expiry ms), for
 the session-count limit.
 
-Every write goes through a Lua script that first checks the caller's lease token
-and the log length it expects, then appends the records, their tokens and the meta
-fields and refreshes the TTLs: a step is stored whole or not at all, by the lease
-holder only, and never twice (a retried write finds the log already longer).
+Every write is a Lua script that first checks the caller's lease token, the
+cancel flag and the log length it expects (`len` in the meta hash), then appends
+the records, their tokens and the meta fields: a step is stored whole or not at
+all, by the lease holder only, and never twice (a retried write finds the log
+already longer). A step's write is 5 commands (6 in text mode): GET lease, HMGET
+cancel/len, RPUSH, APPEND per view, HSET.
+
+TTLs are not refreshed per step. A turn's first write and every lease renewal set
+them to session_ttl + lease_ms from now; the turn's last write (or the status a
+stopped request leaves) sets them to session_ttl from now. So a session is never
+dropped while a router works on it (it renews while it holds the lease, and it
+can only write while it holds it), and expires between session_ttl and
+session_ttl + lease_ms after its last write.
+
+Script calls of concurrent sessions are sent together (`_Batch`): one round trip
+carries every step write and lease renewal that piled up in one turn of the event
+loop, which is what keeps the router's CPU per step flat as sessions are added.
 """
 from __future__ import annotations
 
 import array
+import asyncio
 import os
 import sys
 import time
@@ -24,69 +38,80 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 
-from services.router.types import FailedPrecondition, LeaseLost, LimitExceeded, Record, RouterError, SessionBusy, SessionCancelled
+from services.router import spans
+from services.router.errors import FailedPrecondition, LeaseLost, LimitExceeded, SessionBusy, SessionCancelled
+from services.router.session import Record, SessionMeta
 
-# KEYS: meta, log, lease, index, prefix views...
-# ARGV: token, expected log length, ttl ms, now ms, session id, n records, records...,
-#       n views, (tokens)..., meta field/value pairs...
+# KEYS: meta, lease, index, log, prefix views...
+# ARGV: token, expected log length, now ms, ttl ms (0: leave), release (0/1), session id,
+#       n records, records..., n views, (tokens)..., meta field/value pairs...
 _APPEND = """
-if redis.call('GET', KEYS[3]) ~= ARGV[1] then return -1 end
-if redis.call('HGET', KEYS[1], 'cancel') == '1' then return -3 end
-if redis.call('LLEN', KEYS[2]) ~= tonumber(ARGV[2]) then return -2 end
-local ttl = tonumber(ARGV[3])
-local i = 6
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return -1 end
+local m = redis.call('HMGET', KEYS[1], 'cancel', 'len')
+if m[1] == '1' then return -3 end
+local n = tonumber(m[2]) or 0
+if n ~= tonumber(ARGV[2]) then return -2 end
+local i = 7
 local nrec = tonumber(ARGV[i])
-for r = 1, nrec do redis.call('RPUSH', KEYS[2], ARGV[i + r]) end
+if nrec > 0 then redis.call('RPUSH', KEYS[4], unpack(ARGV, i + 1, i + nrec)) end
 i = i + nrec + 1
 local nviews = tonumber(ARGV[i])
-for v = 1, nviews do
-  redis.call('APPEND', KEYS[4 + v], ARGV[i + v])
-  redis.call('PEXPIRE', KEYS[4 + v], ttl)
-end
+for v = 1, nviews do redis.call('APPEND', KEYS[4 + v], ARGV[i + v]) end
 i = i + nviews + 1
-if i <= #ARGV then redis.call('HSET', KEYS[1], unpack(ARGV, i)) end
-redis.call('HSET', KEYS[1], 'updated_ms', ARGV[4])
-redis.call('PEXPIRE', KEYS[1], ttl)
-redis.call('PEXPIRE', KEYS[2], ttl)
-redis.call('ZADD', KEYS[4], tonumber(ARGV[4]) + ttl, ARGV[5])
-return redis.call('LLEN', KEYS[2])
+redis.call('HSET', KEYS[1], 'len', n + nrec, 'updated_ms', ARGV[3], unpack(ARGV, i))
+local ttl = tonumber(ARGV[4])
+if ttl > 0 then
+  redis.call('PEXPIRE', KEYS[1], ttl)
+  for k = 4, #KEYS do redis.call('PEXPIRE', KEYS[k], ttl) end
+  redis.call('ZADD', KEYS[3], tonumber(ARGV[3]) + ttl, ARGV[6])
+end
+if ARGV[5] == '1' then redis.call('DEL', KEYS[2]) end
+return n + nrec
 """
 
-# KEYS: meta, log, lease, index, prefix views...   ARGV: token, lease ms, ttl ms, now ms,
+# KEYS: meta, lease, index, log, prefix views...   ARGV: token, lease ms, ttl ms, now ms,
 # session id, max sessions, record, n views, tokens..., meta pairs...
 _CREATE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return -4 end
-redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', ARGV[4])
-if tonumber(ARGV[6]) > 0 and redis.call('ZCARD', KEYS[4]) >= tonumber(ARGV[6]) then return -5 end
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[4])
+if tonumber(ARGV[6]) > 0 and redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[6]) then return -5 end
 local ttl = tonumber(ARGV[3])
-redis.call('SET', KEYS[3], ARGV[1], 'PX', tonumber(ARGV[2]))
-redis.call('RPUSH', KEYS[2], ARGV[7])
+redis.call('SET', KEYS[2], ARGV[1], 'PX', tonumber(ARGV[2]))
+redis.call('RPUSH', KEYS[4], ARGV[7])
 local nviews = tonumber(ARGV[8])
-for v = 1, nviews do
-  redis.call('SET', KEYS[4 + v], ARGV[8 + v], 'PX', ttl)
-end
-local i = 9 + nviews
-redis.call('HSET', KEYS[1], 'created_ms', ARGV[4], 'updated_ms', ARGV[4], unpack(ARGV, i))
+for v = 1, nviews do redis.call('SET', KEYS[4 + v], ARGV[8 + v], 'PX', ttl) end
+redis.call('HSET', KEYS[1], 'created_ms', ARGV[4], 'updated_ms', ARGV[4], 'len', 1, unpack(ARGV, 9 + nviews))
 redis.call('PEXPIRE', KEYS[1], ttl)
-redis.call('PEXPIRE', KEYS[2], ttl)
-redis.call('ZADD', KEYS[4], tonumber(ARGV[4]) + ttl, ARGV[5])
+redis.call('PEXPIRE', KEYS[4], ttl)
+redis.call('ZADD', KEYS[3], tonumber(ARGV[4]) + ttl, ARGV[5])
 return 1
 """
 
-# KEYS: lease, meta   ARGV: token, lease ms  -> 1 renewed, 0 lost, 2 cancel requested
+# KEYS: lease, meta, index, log, prefix views...   ARGV: token, lease ms, ttl ms, now ms, session id
+# -> 1 renewed, 0 lost, 2 cancel requested. The session's keys outlive the lease by session_ttl.
 _RENEW = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
 if redis.call('HGET', KEYS[2], 'cancel') == '1' then return 2 end
+local ttl = tonumber(ARGV[3])
+redis.call('PEXPIRE', KEYS[2], ttl)
+for k = 4, #KEYS do redis.call('PEXPIRE', KEYS[k], ttl) end
+redis.call('ZADD', KEYS[3], tonumber(ARGV[4]) + ttl, ARGV[5])
 return 1
 """
 
-# KEYS: meta, lease   ARGV: token, status, error, now ms
+# KEYS: meta, lease, index, log, prefix views...   ARGV: token, status, error, now ms, ttl ms, session id,
+# release (0/1). Under the lease (also after a cancel request, unlike append).
 _STATUS = """
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'status', ARGV[2], 'error', ARGV[3], 'updated_ms', ARGV[4])
+local ttl = tonumber(ARGV[5])
+redis.call('PEXPIRE', KEYS[1], ttl)
+for k = 4, #KEYS do redis.call('PEXPIRE', KEYS[k], ttl) end
+redis.call('ZADD', KEYS[3], tonumber(ARGV[4]) + ttl, ARGV[6])
+if ARGV[7] == '1' then redis.call('DEL', KEYS[2]) end
 return 1
 """
 
@@ -96,7 +121,7 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
-# KEYS: meta, lease  ARGV: ttl ms -> 0 unknown, 1 flagged (working or not), 2 already finished
+# KEYS: meta, lease -> 0 unknown, 1 flagged (working or not), 2 already finished
 _CANCEL = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 local status = redis.call('HGET', KEYS[1], 'status')
@@ -146,11 +171,78 @@ def unpack_ids(data: bytes | None) -> list[int]:
 @dataclass
 class StoredSession:
     session_id: str
-    meta: dict[str, str]
+    meta: SessionMeta
     records: list[Record]
     prefixes: dict[str, list[int]] = field(default_factory=dict)
     lease_holder: str = ""
     lease_ms_left: int = 0
+
+
+class _Script:
+    def __init__(self, name: str, source: str) -> None:
+        import hashlib
+
+        self.name, self.source = name, source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+
+class _Batch:
+    """Script calls from every session, sent together: a call waits for the current turn
+    of the event loop to end, then one pipeline carries all the calls made in it.
+    Each caller gets its own result (or error); a NOSCRIPT (Redis restarted, scripts
+    flushed) loads the script and sends that call again."""
+
+    def __init__(self, r: aioredis.Redis) -> None:
+        self.r = r
+        self.pending: list[tuple[_Script, list, list, asyncio.Future]] = []
+
+    async def call(self, script: _Script, keys: list, args: list):
+        fut = asyncio.get_running_loop().create_future()
+        if not self.pending:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self.pending.append((script, keys, args, fut))
+        with spans.redis_script(script.name):
+            return await fut
+
+    def _flush(self) -> None:
+        batch, self.pending = self.pending, []
+        # Untraced: each caller has its own span (above); a task for the round trip, so a
+        # caller that is cancelled does not cancel the others' writes.
+        asyncio.get_running_loop().create_task(self._send(batch), context=spans.untraced_context())
+
+    async def _send(self, batch) -> None:
+        try:
+            results = await self._execute(batch)
+        except BaseException as exc:  # noqa: BLE001 - every caller gets the failure
+            for *_, fut in batch:
+                if not fut.done():
+                    fut.set_exception(exc if isinstance(exc, Exception) else ConnectionError(str(exc)))
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for (*_, fut), res in zip(batch, results):
+            if not fut.done():
+                if isinstance(res, Exception):
+                    fut.set_exception(res)
+                else:
+                    fut.set_result(res)
+
+    async def _execute(self, batch) -> list:
+        async with self.r.pipeline(transaction=False) as p:
+            for script, keys, args, _ in batch:
+                p.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+            results = await p.execute(raise_on_error=False)
+        missing = {script.sha: script for (script, *_), res in zip(batch, results) if isinstance(res, NoScriptError)}
+        if missing:
+            for script in missing.values():
+                await self.r.script_load(script.source)
+            async with self.r.pipeline(transaction=False) as p:
+                for script, keys, args, _ in batch:
+                    if script.sha in missing:
+                        p.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+                again = iter(await p.execute(raise_on_error=False))
+            results = [next(again) if script.sha in missing else res for (script, *_), res in zip(batch, results)]
+        return results
 
 
 class SessionStore:
@@ -160,13 +252,11 @@ class SessionStore:
         self.ttl_ms = int(ttl_s * 1000)
         self.lease_ms = lease_ms
         self.max_sessions = max_sessions
-        self._append = client.register_script(_APPEND)
-        self._create = client.register_script(_CREATE)
-        self._renew = client.register_script(_RENEW)
-        self._release = client.register_script(_RELEASE)
-        self._cancel = client.register_script(_CANCEL)
-        self._status = client.register_script(_STATUS)
-        self._trace = client.register_script(_TRACE)
+        self._batch = _Batch(client)
+        self.scripts = {name: _Script(name, src) for name, src in (
+            ("append", _APPEND), ("create", _CREATE), ("renew", _RENEW), ("set_status", _STATUS),
+            ("release", _RELEASE), ("cancel", _CANCEL), ("add_trace", _TRACE),
+        )}
 
     @classmethod
     def from_url(
@@ -174,9 +264,9 @@ class SessionStore:
         timeout_s: float = 5.0, tls_ca: str = "", tls_cert: str = "", tls_key: str = "",
     ) -> "SessionStore":
         # rediss:// turns TLS on; user:password@ in the URL does AUTH. A blocking pool:
-        # hundreds of sessions writing at once wait briefly for a connection instead of
-        # failing with "Too many connections". Socket timeouts: a Redis that hangs (not
-        # just refuses) fails requests within timeout_s instead of holding them forever;
+        # many sessions writing at once wait briefly for a connection instead of failing
+        # with "Too many connections". Socket timeouts: a Redis that hangs (not just
+        # refuses) fails requests within timeout_s instead of holding them forever;
         # socket_timeout=... in the URL's query wins.
         tls: dict = {}
         if url.startswith("rediss://"):
@@ -194,37 +284,34 @@ class SessionStore:
     async def close(self) -> None:
         await self.r.aclose()
 
+    async def _run(self, name: str, keys: list, args: list):
+        return await self._batch.call(self.scripts[name], keys, args)
+
     # ---- keys ------------------------------------------------------------------------
     def key(self, session_id: str, part: str) -> str:
         return f"{self.prefix}{{{session_id}}}:{part}"
 
-    def _keys(self, session_id: str, views: list[str]) -> list[str]:
-        return [
-            self.key(session_id, "meta"),
-            self.key(session_id, "log"),
-            self.key(session_id, "lease"),
-            self.prefix + "sessions",
-        ] + [self.key(session_id, f"prefix:{v}") for v in views]
+    def _keys(self, session_id: str, views) -> list[str]:
+        """meta, lease, index, log, then the prefix views: the order every script expects."""
+        k = f"{self.prefix}{{{session_id}}}:"
+        return [k + "meta", k + "lease", self.prefix + "sessions", k + "log"] + [f"{k}prefix:{v}" for v in views]
 
     @staticmethod
     def new_lease_token(holder: str) -> str:
         return f"{holder}|{uuid.uuid4().hex}"
 
     # ---- writes ----------------------------------------------------------------------
-    async def create(
-        self,
-        session_id: str,
-        token: str,
-        record: Record,
-        tokens: dict[str, list[int]],
-        meta: dict[str, str],
-    ) -> None:
+    async def create(self, session_id: str, token: str, record: Record, tokens: dict[str, list[int]],
+                     meta: SessionMeta) -> None:
+        """A new session with its first record, under a lease this caller holds."""
         views = sorted(tokens)
         record.prefix_end = {v: len(tokens[v]) for v in views}
-        args: list = [token, self.lease_ms, self.ttl_ms, _now_ms(), session_id, self.max_sessions, record.to_json(), len(views)]
+        meta.views, meta.log_len = tuple(views), 1
+        args: list = [token, self.lease_ms, self.ttl_ms + self.lease_ms, _now_ms(), session_id, self.max_sessions,
+                      record.to_json(), len(views)]
         args += [pack_ids(tokens[v]) for v in views]
-        args += _pairs(meta)
-        rc = await self._create(keys=self._keys(session_id, views), args=args)
+        args += _pairs(meta.to_hash())
+        rc = await self._run("create", self._keys(session_id, views), args)
         if rc == -4:
             raise FailedPrecondition(f"session {session_id!r} already exists")
         if rc == -5:
@@ -236,32 +323,44 @@ class SessionStore:
         token: str,
         expected_len: int,
         entries: list[tuple[Record, dict[str, list[int]]]],
-        meta: dict[str, str],
+        fields: dict[str, str],
+        *,
+        views: tuple[str, ...] = (),
+        turn_start: bool = False,
+        turn_end: bool = False,
     ) -> int:
+        """Append records (and their tokens) at log position `expected_len`, under the lease.
+        `turn_start`: also keep the session for session_ttl + lease_ms; `turn_end`: the
+        turn's last write: keep it for session_ttl from now and release the lease
+        (`views`: every view the session has, whose keys the TTL covers)."""
         merged: dict[str, list[int]] = {}
         for _, tokens in entries:
             for view, ids in tokens.items():
                 merged.setdefault(view, []).extend(ids)
-        views = sorted(merged)
-        args: list = [token, expected_len, self.ttl_ms, _now_ms(), session_id, len(entries)]
+        written = sorted(merged)
+        ttl = self.ttl_ms if turn_end else self.ttl_ms + self.lease_ms if turn_start else 0
+        keys = self._keys(session_id, written + [v for v in views if v not in merged] if ttl else written)
+        args: list = [token, expected_len, _now_ms(), ttl, "1" if turn_end else "0", session_id, len(entries)]
         args += [r.to_json() for r, _ in entries]
-        args += [len(views)] + [pack_ids(merged[v]) for v in views]
-        args += _pairs(meta)
-        rc = await self._append(keys=self._keys(session_id, views), args=args)
+        args += [len(written)] + [pack_ids(merged[v]) for v in written]
+        args += _pairs(fields)
+        rc = await self._run("append", keys, args)
         if rc == -1:
-            raise LeaseLost(
-                f"session {session_id!r}: this router's lease expired or was taken over; its step was not stored"
-            )
+            raise LeaseLost(f"session {session_id!r}: this router's lease expired or was taken over; its step was not stored")
         if rc == -2:
             raise LeaseLost(f"session {session_id!r}: the stored log moved on (expected {expected_len} records)")
         if rc == -3:
             raise SessionCancelled(f"session {session_id!r} was cancelled")
         return int(rc)
 
-    async def set_status(self, session_id: str, token: str, status: str, error: str) -> bool:
-        """Set the status under the lease (also after a cancel request, unlike append)."""
-        keys = [self.key(session_id, "meta"), self.key(session_id, "lease")]
-        return bool(await self._status(keys=keys, args=[token, status, error, _now_ms()]))
+    async def set_status(self, session_id: str, token: str, status: str, error: str, *, views: tuple[str, ...] = ALL_VIEWS,
+                         release: bool = False, keep_ms: int | None = None) -> bool:
+        """Set the status under the lease (also after a cancel request, unlike append); the
+        session is then kept for session_ttl from now (`keep_ms`: another span, e.g. a turn
+        starting); `release` gives the lease up in the same call."""
+        ttl = self.ttl_ms if keep_ms is None else keep_ms
+        args = [token, status, error, _now_ms(), ttl, session_id, "1" if release else "0"]
+        return bool(await self._run("set_status", self._keys(session_id, views), args))
 
     # ---- the lease -----------------------------------------------------------------------
     async def acquire(self, session_id: str, token: str) -> None:
@@ -281,11 +380,14 @@ class SessionStore:
             "unless renewed); wait for that request to finish, or retry after the lease expires"
         )
 
-    async def renew(self, session_id: str, token: str) -> int:
-        return int(await self._renew(keys=[self.key(session_id, "lease"), self.key(session_id, "meta")], args=[token, self.lease_ms]))
+    async def renew(self, session_id: str, token: str, views: tuple[str, ...] = ALL_VIEWS) -> int:
+        """1 renewed (and the session's keys kept for session_ttl + lease_ms), 0 lost, 2 cancel requested."""
+        k = self._keys(session_id, views)
+        keys = [k[1], k[0], *k[2:]]
+        return int(await self._run("renew", keys, [token, self.lease_ms, self.ttl_ms + self.lease_ms, _now_ms(), session_id]))
 
     async def release(self, session_id: str, token: str) -> None:
-        await self._release(keys=[self.key(session_id, "lease")], args=[token])
+        await self._run("release", [self.key(session_id, "lease")], [token])
 
     async def owner(self, session_id: str) -> str | None:
         """The owner id stored with the session ("" for none); None when there is no such session."""
@@ -295,11 +397,11 @@ class SessionStore:
         return owner.decode() if owner is not None else ""
 
     async def request_cancel(self, session_id: str) -> int:
-        return int(await self._cancel(keys=[self.key(session_id, "meta"), self.key(session_id, "lease")], args=[self.ttl_ms]))
+        return int(await self._run("cancel", [self.key(session_id, "meta"), self.key(session_id, "lease")], []))
 
     async def add_trace(self, session_id: str, trace_id: str) -> bool:
         """Note the trace of the request working on the session (its meta's trace_id and trace_ids)."""
-        return bool(await self._trace(keys=[self.key(session_id, "meta")], args=[trace_id, MAX_TRACE_IDS]))
+        return bool(await self._run("add_trace", [self.key(session_id, "meta")], [trace_id, MAX_TRACE_IDS]))
 
     # ---- reads -----------------------------------------------------------------------------
     async def load(self, session_id: str, with_prefixes: bool = True) -> StoredSession | None:
@@ -316,18 +418,17 @@ class SessionStore:
             raw_meta, raw_log, lease, left, *blobs = await p.execute()
         if not raw_meta:
             return None
-        meta = {k.decode(): v.decode() for k, v in raw_meta.items()}
+        meta = SessionMeta.from_hash({k.decode(): v.decode() for k, v in raw_meta.items()})
         s = StoredSession(session_id, meta, [Record.from_json(x) for x in raw_log])
         if lease:
             s.lease_holder, s.lease_ms_left = lease.decode().split("|")[0], max(0, int(left))
-        stored_views = [v for v in meta.get("views", "").split(",") if v]
-        s.prefixes = {v: unpack_ids(b) for v, b in zip(views, blobs) if v in stored_views}
+        s.prefixes = {v: unpack_ids(b) for v, b in zip(views, blobs) if v in meta.views}
         return s
 
 
-def _pairs(meta: dict[str, str]) -> list[str]:
+def _pairs(fields: dict[str, str]) -> list[str]:
     out: list[str] = []
-    for k, v in meta.items():
+    for k, v in fields.items():
         out += [k, v]
     return out
 
@@ -349,4 +450,4 @@ def default_holder() -> str:
     return f"{os.uname().nodename}:{os.getpid()}"
 
 
-__all__ = ["SessionStore", "StoredSession", "pack_ids", "unpack_ids", "RouterError", "ResponseError", "default_holder"]
+__all__ = ["SessionStore", "StoredSession", "pack_ids", "unpack_ids", "ResponseError", "default_holder"]

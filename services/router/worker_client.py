@@ -10,7 +10,7 @@ import abc
 from typing import AsyncIterator, Sequence
 
 from services.worker.engine import CancelToken, Engine
-from services.worker.types import ChatMessage, Chunk, Gate, GenerateRequest, Generation, Glimpse, ModelInfo, StepResult
+from services.worker.types import ChatMessage, Chunk, Decided, Gate, GenerateRequest, Generation, Glimpse, ModelInfo
 
 
 class WorkerClient(abc.ABC):
@@ -30,10 +30,13 @@ class WorkerClient(abc.ABC):
     async def glimpse(self, prompt: list[int], top_k: int) -> Glimpse: ...
 
     @abc.abstractmethod
-    async def step(self, req: GenerateRequest, gate: Gate) -> StepResult: ...
+    def step_stream(self, req: GenerateRequest, gate: Gate) -> AsyncIterator[Decided | Chunk]:
+        """The fused Step, streamed: the decision first; on KEEP the step's chunks, the
+        last one carrying `final`."""
 
     @abc.abstractmethod
-    async def generate(self, req: GenerateRequest) -> Generation: ...
+    async def generate(self, req: GenerateRequest) -> Generation:
+        """A whole generation (a draft nobody sees until it is judged)."""
 
     @abc.abstractmethod
     def generate_stream(self, req: GenerateRequest) -> AsyncIterator[Chunk]:
@@ -57,14 +60,24 @@ class EngineClient(WorkerClient):
     async def glimpse(self, prompt, top_k):
         return await self.engine.glimpse(list(prompt), top_k, self.session_id, CancelToken())
 
-    async def step(self, req, gate):
-        return await self.engine.step_full(req, gate, CancelToken())
+    async def step_stream(self, req, gate):
+        cancel = CancelToken()
+        try:
+            async for item in self.engine.step(req, gate, cancel):
+                yield item
+        finally:
+            cancel.cancel()  # a caller that stops reading stops the decoding
 
     async def generate(self, req):
         return await self.engine.generate_full(req, CancelToken())
 
-    def generate_stream(self, req):
-        return self.engine.generate(req, CancelToken())
+    async def generate_stream(self, req):
+        cancel = CancelToken()
+        try:
+            async for chunk in self.engine.generate(req, cancel):
+                yield chunk
+        finally:
+            cancel.cancel()
 
 
 class LocalPool:

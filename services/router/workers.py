@@ -9,8 +9,11 @@ agree even before anything is stored.
 
 A failed call (UNAVAILABLE, RESOURCE_EXHAUSTED) is retried on another healthy
 replica: nothing is stored until a step completes, so a step is idempotent until
-written. Every call carries the request's remaining deadline; cancelling the
-calling task cancels the RPC, and the worker stops decoding.
+written. A stream that fails after its first message cannot be retried as it was
+(its beginning already reached the caller): it raises WorkerFault, and the step
+loop writes the step again from its start. Every call carries the request's
+remaining deadline; cancelling the calling task cancels the RPC, and the worker
+stops decoding.
 """
 from __future__ import annotations
 
@@ -27,8 +30,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from glimprouter.v1 import worker_pb2 as pb
 from glimprouter.v1 import worker_pb2_grpc as pb_grpc
 from services.common.tls import ClientTLS, aio_channel
-from services.router import observe
-from services.router.types import InvalidArgument, RouterError, WorkersUnavailable
+from services.router import metrics, spans
+from services.router.errors import DeadlineExceeded, InvalidArgument, RouterError, WorkerFault, WorkersUnavailable
 from services.router.worker_client import WorkerClient
 from services.worker import protomap
 from services.worker.types import Chunk, ModelInfo
@@ -40,10 +43,6 @@ log = logging.getLogger("glimprouter.router.workers")
 DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("glimprouter_deadline", default=None)
 
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}
-
-
-class DeadlineExceeded(RouterError):
-    code = "DEADLINE_EXCEEDED"
 
 
 # ---- endpoints and pools ------------------------------------------------------------------
@@ -58,7 +57,9 @@ class Endpoint:
             ("grpc.initial_reconnect_backoff_ms", 200),
             ("grpc.max_reconnect_backoff_ms", 2000),
         ]
-        self.channel = aio_channel(address, tls or ClientTLS(), opts, interceptors=[_TrackCalls()])
+        # _TrackCalls only matters under OpenTelemetry's interceptor (see _cancel_with_caller);
+        # any interceptor makes grpc.aio run each call in an extra task, so none without it.
+        self.channel = aio_channel(address, tls or ClientTLS(), opts, interceptors=[_TrackCalls()] if spans.ENABLED else None)
         self.stub = pb_grpc.ModelWorkerStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
         self.healthy = False
@@ -221,18 +222,18 @@ class WorkerPool:
             try:
                 out = await _cancel_with_caller(lambda: getattr(ep.stub, method)(request, timeout=self._timeout()))
             except grpc.aio.AioRpcError as exc:
-                observe.worker_call(self.role, ep.address, method, exc.code().name, time.perf_counter() - t0)
+                self._ended(ep, method, exc.code().name, t0)
                 self._raise_unless_retryable(ep, exc, method)
                 tried.add(ep.address)
-                if attempt < self.retries:
-                    observe.worker_retry(self.role, method)
+                self._retrying(attempt, method)
                 log.warning("%s worker %s failed %s (%s); retrying elsewhere", self.role, ep.address, method, exc.code().name)
             else:
-                observe.worker_call(self.role, ep.address, method, "OK", time.perf_counter() - t0, out)
+                self._ended(ep, method, "OK", t0, _usage(out))
                 return out
         raise WorkersUnavailable(f"{method} failed on every {self.role} worker tried ({', '.join(sorted(tried))})")
 
-    async def stream(self, session_id: str, affinity: dict[str, str], request) -> AsyncIterator[pb.GenerateChunk]:
+    async def stream(self, session_id: str, affinity: dict[str, str], method: str, request) -> AsyncIterator:
+        """A streaming call; retried elsewhere only while nothing of it has been read."""
         tried: set[str] = set()
         for attempt in range(self.retries + 1):
             ep = self.pick(session_id, affinity, tried)
@@ -240,25 +241,43 @@ class WorkerPool:
             t0 = time.perf_counter()
             last = None
             try:
-                rpc = ep.stub.GenerateStream(request, timeout=self._timeout())
+                rpc = getattr(ep.stub, method)(request, timeout=self._timeout())
                 try:
-                    async for chunk in rpc:
+                    async for msg in rpc:
                         started = True
-                        last = chunk
-                        yield chunk
+                        last = msg
+                        yield msg
                 finally:
                     rpc.cancel()  # a caller that stops reading (cancelled, gone) stops the worker; no-op when done
-                observe.worker_call(self.role, ep.address, "GenerateStream", "OK", time.perf_counter() - t0, last)
-                return
+            except GeneratorExit:  # the caller stopped reading: it had what it needed
+                self._ended(ep, method, "OK", t0, _usage(last))
+                raise
+            except asyncio.CancelledError:
+                self._ended(ep, method, "CANCELLED", t0)
+                raise
             except grpc.aio.AioRpcError as exc:
-                observe.worker_call(self.role, ep.address, "GenerateStream", exc.code().name, time.perf_counter() - t0)
-                if started:  # text already reached the caller: cannot replay elsewhere
-                    raise WorkersUnavailable(f"{self.role} worker {ep.address} failed mid-stream: {exc.details()}") from None
-                self._raise_unless_retryable(ep, exc, "GenerateStream")
+                self._ended(ep, method, exc.code().name, t0)
+                if started and exc.code() in _RETRYABLE:
+                    # Its beginning reached the caller: not retried as it was, but the step
+                    # can be written again from its start, away from this replica.
+                    ep.healthy = False
+                    raise WorkerFault(f"{self.role} worker {ep.address} failed mid-stream: {exc.details()}") from None
+                self._raise_unless_retryable(ep, exc, method)
                 tried.add(ep.address)
-                if attempt < self.retries:
-                    observe.worker_retry(self.role, "GenerateStream")
-        raise WorkersUnavailable(f"GenerateStream failed on every {self.role} worker tried ({', '.join(sorted(tried))})")
+                self._retrying(attempt, method)
+            else:
+                self._ended(ep, method, "OK", t0, _usage(last))
+                return
+        raise WorkersUnavailable(f"{method} failed on every {self.role} worker tried ({', '.join(sorted(tried))})")
+
+    def _ended(self, ep: Endpoint, method: str, code: str, t0: float, usage=None) -> None:
+        metrics.worker_call(self.role, ep.address, method, code, time.perf_counter() - t0, usage)
+        spans.note_call(self.role, ep.address, code == "OK")
+
+    def _retrying(self, attempt: int, method: str) -> None:
+        if attempt < self.retries:
+            metrics.worker_retry(self.role, method)
+            spans.note_retry()
 
     def _raise_unless_retryable(self, ep: Endpoint, exc: grpc.aio.AioRpcError, method: str) -> None:
         code = exc.code()
@@ -305,13 +324,30 @@ class BoundWorker(WorkerClient):
         r = await self._call("Glimpse", protomap.glimpse_request_to_pb(prompt, top_k, self.session_id))
         return protomap.glimpse_from_pb(r)
 
-    async def step(self, req, gate):
-        return protomap.step_from_pb(await self._call("Step", protomap.step_request_to_pb(req, gate)))
+    async def step_stream(self, req, gate):
+        reader = protomap.ChunkReader()
+        request = protomap.step_request_to_pb(req, gate)
+        async for c in self.pool.stream(self.session_id, self.affinity, "StepStream", request):
+            if c.HasField("chunk"):
+                yield reader.read(c.chunk)
+            else:
+                yield protomap.decided_from_pb(c)
 
     async def generate(self, req):
         return protomap.generation_from_pb(await self._call("Generate", protomap.generate_request_to_pb(req)))
 
     async def generate_stream(self, req) -> AsyncIterator[Chunk]:
         reader = protomap.ChunkReader()
-        async for c in self.pool.stream(self.session_id, self.affinity, protomap.generate_request_to_pb(req)):
+        async for c in self.pool.stream(self.session_id, self.affinity, "GenerateStream", protomap.generate_request_to_pb(req)):
             yield reader.read(c)
+
+
+def _usage(response):
+    """The usage a worker reported for a call (the worker's own metrics use the same rule)."""
+    if response is None:
+        return None
+    if isinstance(response, pb.StepChunk):
+        return response.chunk.usage if response.HasField("chunk") else response.glimpse.usage
+    if isinstance(response, (pb.GlimpseResponse, pb.GenerateResponse, pb.GenerateChunk)):
+        return response.usage
+    return None

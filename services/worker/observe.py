@@ -24,6 +24,9 @@ def _usage_and_timings(response) -> tuple[pb.Usage | None, pb.Timings | None]:
     if isinstance(response, pb.StepResponse):
         src = response.generation if response.HasField("generation") else response.glimpse
         return src.usage, src.timings
+    if isinstance(response, pb.StepChunk):  # StepStream: its final chunk (KEEP) or its head (ESCALATE)
+        src = response.chunk if response.HasField("chunk") else response.glimpse
+        return src.usage, src.timings
     if isinstance(response, (pb.GlimpseResponse, pb.GenerateResponse, pb.GenerateChunk)):
         return response.usage, response.timings
     return None, None
@@ -51,7 +54,7 @@ def record(model: str, method: str, code: str, seconds: float, response=None) ->
                 "glimprouter.decode_ms": timings.decode_ms,
             }
         )
-    if isinstance(response, pb.StepResponse):
+    if isinstance(response, (pb.StepResponse, pb.StepChunk)):
         decision = _DECISION.get(response.decision, "unknown")
         DECISIONS.labels(model, decision).inc()
         attrs.update({"glimprouter.decision": decision, "glimprouter.entropy": response.entropy})

@@ -2,15 +2,16 @@
 place: the worker maps its results to protobuf and requests from it (after
 validation.py has checked them); the router's pools map requests to protobuf and
 results back. Enums map by name (FinishReason.STEP_END <-> FINISH_REASON_STEP_END),
-flat messages field by field."""
+flat messages field by field (the generic helpers are services/common/pbmap.py)."""
 from __future__ import annotations
 
 import dataclasses
 import enum
-import re
 from typing import Sequence, TypeVar
 
 from glimprouter.v1 import worker_pb2 as pb
+from services.common import pbmap
+from services.common.pbmap import enum_to_pb, flat_from_pb, flat_to_pb
 from services.worker.types import (
     Chunk,
     Decided,
@@ -31,35 +32,14 @@ from services.worker.types import (
 )
 
 E = TypeVar("E", bound=enum.Enum)
-D = TypeVar("D")
-
-
-# ---- generic helpers ------------------------------------------------------------------------
-def _prefix(pb_enum) -> str:
-    """FinishReason -> FINISH_REASON: the prefix protobuf style puts on every value."""
-    return re.sub(r"(?<!^)(?=[A-Z])", "_", pb_enum.DESCRIPTOR.name).upper()
-
-
-def enum_to_pb(member: enum.Enum, pb_enum) -> int:
-    return pb_enum.Value(f"{_prefix(pb_enum)}_{member.name}")
 
 
 def enum_from_pb(cls: type[E], pb_enum, value: int, default: E | None = None) -> E:
-    name = pb_enum.Name(value)[len(_prefix(pb_enum)) + 1 :] if value in pb_enum.values() else ""
-    if name in cls.__members__:
-        return cls[name]
-    if default is None:
+    """pbmap.enum_from_pb, refusing UNSPECIFIED and unknown numbers unless a default is given."""
+    out = pbmap.enum_from_pb(cls, pb_enum, value, default)
+    if out is None:
         raise ValueError(f"{pb_enum.DESCRIPTOR.name} value {value} has no {cls.__name__}")
-    return default
-
-
-def flat_to_pb(obj, msg_cls):
-    """A dataclass whose fields all have the protobuf message's names and plain types."""
-    return msg_cls(**{f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)})
-
-
-def flat_from_pb(cls: type[D], msg) -> D:
-    return cls(**{f.name: getattr(msg, f.name) for f in dataclasses.fields(cls)})
+    return out
 
 
 # ---- results: worker -> protobuf -> router ------------------------------------------------------

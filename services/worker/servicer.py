@@ -113,15 +113,16 @@ class WorkerServicer(pb_grpc.ModelWorkerServicer):
             req, gate = self._step_args(request)
             cancel = CancelToken()
             stream = self.engine.step(req, gate, cancel)
+            head = pb.StepChunk()
             try:
                 async for item in stream:
                     if isinstance(item, Decided):
-                        msg = protomap.decided_to_pb(item)
-                        out[:] = [msg]  # metrics read the head, then the final chunk
+                        msg = head = protomap.decided_to_pb(item)
+                        out[:] = [msg]  # metrics read the head, then the decision with the final chunk
                     else:
                         msg = pb.StepChunk(chunk=protomap.chunk_to_pb(item))
                         if item.final is not None:
-                            out[:] = [msg]
+                            out[:] = [pb.StepChunk(decision=head.decision, entropy=head.entropy, chunk=msg.chunk)]
                     yield msg
             finally:
                 cancel.cancel()

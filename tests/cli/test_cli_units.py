@@ -14,7 +14,10 @@ from services.common import redis_local
 from cli.__main__ import _parser, main
 from cli.ask import AskSettings, Printer, build_request, parse_params
 from cli.render import Style, session_table, step_block, summary_line
-from gateway.events import AnswerDelta, Done, RoleStats, SessionInfo, Started, Stats, Step
+from services.router.api import (
+    AnswerDelta, Budgets, Decision, Done, PrefixMode, Role, RoleStats, SessionInfo, Started, Stats, Step, StepDelta,
+    StepStart,
+)
 from services.common import settings as settings_mod
 from cli.config import UpSettings
 
@@ -22,18 +25,18 @@ PLAIN = Style(False)
 
 
 def test_step_block_marks_model_and_entropy():
-    s = Step(3, role="large", decision="large", entropy=1.234, threshold=0.9, text="Wait.\nCheck again.\n\n")
+    s = Step(3, role=Role.LARGE, decision=Decision.LARGE, entropy=1.234, threshold=0.9, text="Wait.\nCheck again.\n\n")
     assert step_block(s, PLAIN) == "[  3] LARGE H=1.23 >= 0.90  Wait.\n" + " " * 27 + " Check again."
-    s = Step(0, role="small", decision="small", entropy=0.1, threshold=0.9, text="Easy.")
+    s = Step(0, role=Role.SMALL, decision=Decision.SMALL, entropy=0.1, threshold=0.9, text="Easy.")
     assert step_block(s, PLAIN).startswith("[  0] small H=0.10 <  0.90 ")
-    nan = Step(1, role="large", decision="large", entropy=math.nan, threshold=math.nan, text="x")
+    nan = Step(1, role=Role.LARGE, decision=Decision.LARGE, entropy=math.nan, threshold=math.nan, text="x")
     assert "H=- " in step_block(nan, PLAIN)
 
 
 def test_colour_only_when_asked_or_on_a_tty(monkeypatch):
     assert Style.for_stream(io.StringIO()).enabled is False
     assert Style.for_stream(io.StringIO(), "always").enabled is True
-    assert "\x1b[" in step_block(Step(0, role="small", text="a"), Style(True))
+    assert "\x1b[" in step_block(Step(0, role=Role.SMALL, text="a"), Style(True))
 
     class Tty(io.StringIO):
         def isatty(self):
@@ -56,14 +59,27 @@ def test_summary_line():
                     " · ended: think_end, answer eos")
 
 
-def test_printer_streams_steps_answer_and_summary():
+def test_printer_streams_steps_token_by_token_answer_and_summary():
     out = io.StringIO()
     p = Printer(out, PLAIN)
-    for ev in (Started("abc", 0, "tokens", 0, "S", "L"), Step(0, role="small", decision="small", entropy=0.2, threshold=0.9, text="One.\n\n"),
-               AnswerDelta("\n\nIt is", "large"), AnswerDelta(" 4.", "large"), Done("abc", "It is 4.", _stats())):
+    head = StepStart(0, role=Role.SMALL, decision=Decision.SMALL, entropy=0.2, threshold=0.9)
+    p.event(Started("abc", 0, PrefixMode.TOKENS, 0, "S", "L"))
+    p.event(head)
+    # The step's marker is out before any of its text: who writes it and why.
+    assert out.getvalue().endswith("[  0] small H=0.20 <  0.90  ")
+    for ev in (StepDelta(0, "One"), StepDelta(0, ".\nTwo"), StepDelta(0, ".\n\n"),
+               Step(0, role=Role.SMALL, decision=Decision.SMALL, entropy=0.2, threshold=0.9, text="One.\nTwo.\n\n"),
+               AnswerDelta("\n\nIt is", Role.LARGE), AnswerDelta(" 4.", Role.LARGE), Done("abc", "It is 4.", _stats())):
         p.event(ev)
     text = out.getvalue()
-    assert text.startswith("session abc (turn 0)  small S · large L\n[  0] small H=0.20 <  0.90  One.\nanswer\nIt is 4.\n── ")
+    assert text.startswith("session abc (turn 0)  small S · large L\n[  0] small H=0.20 <  0.90  One.\n" + " " * 28
+                           + "Two.\nanswer\nIt is 4.\n── ")
+    # A step cut by a worker fault starts again: the restart is shown.
+    out = io.StringIO()
+    p = Printer(out, PLAIN)
+    for ev in (head, StepDelta(0, "On"), StepStart(0, role=Role.SMALL, decision=Decision.SMALL, attempt=2), StepDelta(0, "One.")):
+        p.event(ev)
+    assert "(restarted: attempt 2)\n[  0] small" in out.getvalue() and out.getvalue().endswith("One.")
     # No answer phase: the router's answer is shown once, labelled.
     out = io.StringIO()
     p = Printer(out, PLAIN)
@@ -76,8 +92,8 @@ def test_printer_streams_steps_answer_and_summary():
 
 def test_session_table():
     info = SessionInfo("abc", status="done", turn=1, small_model="S", large_model="L", answer="4", stats=_stats(),
-                       steps=[Step(0, 0, "small", "S", "small", 0.123, 0.9, "a", 5, latency_ms=12.5),
-                              Step(1, 1, "large", "L", "large", 2.0, 0.9, "b", 7, latency_ms=40.0)])
+                       steps=[Step(0, 0, Role.SMALL, "S", Decision.SMALL, 0.123, 0.9, "a", 5, latency_ms=12.5),
+                              Step(1, 1, Role.LARGE, "L", Decision.LARGE, 2.0, 0.9, "b", 7, latency_ms=40.0)])
     t = session_table(info, PLAIN)
     lines = t.splitlines()
     assert lines[0] == "session abc  status done · turn 1 · prefix "
@@ -92,9 +108,9 @@ def test_build_request_from_flags():
                                "--max-steps", "4", "--temperature", "0", "--session", "s1"])
     s = settings_mod.from_namespace(AskSettings, ns, environ={})
     req = build_request("q?", s)
-    assert req.messages == [("user", "q?")] and req.session_id == "s1"
+    assert [(m.role, m.content) for m in req.messages] == [("user", "q?")] and req.session_id == "s1"
     assert (req.routing.policy, req.routing.threshold, req.routing.params) == ("random", 1.5, {"p": 0.3})
-    assert req.budgets == {"max_steps": 4} and req.temperature == 0.0 and req.seed is None
+    assert req.budgets == Budgets(max_steps=4) and req.sampling.temperature == 0.0 and req.sampling.seed is None
     assert parse_params(["a=1", "b=2.5"]) == {"a": 1.0, "b": 2.5}
     with pytest.raises(SystemExit):
         parse_params(["a"])

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from evaluation import configs
-from glimprouter.v1 import router_pb2 as pb
+from services.router.api import GlimpseMode
 
 
 def test_parse_and_label_round_trip():
@@ -16,9 +16,9 @@ def test_parse_and_label_round_trip():
 
 def test_routing_options():
     r = configs.parse("glimpse@0.6:mode=separate").routing()
-    assert (r.policy, r.threshold, r.glimpse_mode) == ("glimpse", pytest.approx(0.6), pb.GLIMPSE_MODE_SEPARATE)
+    assert (r.policy, r.threshold, r.glimpse_mode) == ("glimpse", pytest.approx(0.6), GlimpseMode.SEPARATE)
     r = configs.parse("random:p=0.3").routing()
-    assert not r.HasField("threshold") and dict(r.params) == {"p": pytest.approx(0.3)}
+    assert r.threshold is None and r.params == {"p": pytest.approx(0.3)}
 
 
 def test_expand_sweeps_thresholds():

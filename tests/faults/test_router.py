@@ -47,11 +47,11 @@ def test_router_killed_mid_stream_client_reconnects_through_the_gateway(stack, f
             sid = resp.headers["x-glimprouter-session"]
             for ev in sse_events(resp):
                 first.append(ev)
-                if sum("step" in (e.get("glimprouter") or {}) for e in first) == 2:
+                if sum("step_done" in (e.get("glimprouter") or {}) for e in first) == 2:
                     a.kill()  # SIGKILL: no lease released, nothing marked
             # The stream ends with an error event instead of hanging.
             assert "error" in first[-1] and first[-1]["error"]["code"] == "router_unavailable", first[-1]
-        before = [e["glimprouter"]["step"] for e in first if "step" in (e.get("glimprouter") or {})]
+        before = [e["glimprouter"]["step_done"] for e in first if "step_done" in (e.get("glimprouter") or {})]
 
         # Reconnect: the session header and no new messages resume the turn. The dead
         # router's lease holds it for up to 1.5 s (409 session_busy, Retry later).

@@ -35,6 +35,16 @@ STATS = pb.Stats(latency_ms=20.0, steps=3, intervention_rate=1 / 3, small=pb.Rol
                  thinking_end="think_end", answer_end="eos")
 
 
+def step_events(s: pb.StepEvent):
+    """A step as the router streams it: its start (the decision), its text in two deltas, the stored step."""
+    yield pb.ReasonEvent(step_start=pb.StepStart(index=s.index, turn=s.turn, role=s.role, model_id=s.model_id,
+                                                 decision=s.decision, entropy=s.entropy, threshold=s.threshold, attempt=1))
+    half = len(s.text) // 2
+    for piece in (s.text[:half], s.text[half:]):
+        yield pb.ReasonEvent(step_delta=pb.StepDelta(index=s.index, text=piece, tokens=1))
+    yield pb.ReasonEvent(step=s)
+
+
 class FakeRouter(router_pb2_grpc.RouterServicer):
     def __init__(self) -> None:
         self.requests: list[pb.ReasonRequest] = []
@@ -51,7 +61,7 @@ class FakeRouter(router_pb2_grpc.RouterServicer):
         sid = request.session_id or "sess-1"
         yield pb.ReasonEvent(started=pb.SessionStarted(session_id=sid, turn=1 if request.session_id else 0,
                                                         small_model="small-m", large_model="large-m",
-                                                        prefix_mode=pb.PREFIX_MODE_TOKENS))
+                                                        prefix_mode=pb.PREFIX_MODE_TOKENS, thinking=True))
         if prompt == "slow":
             deadline = time.monotonic() + 30
             while context.is_active() and time.monotonic() < deadline:
@@ -59,10 +69,10 @@ class FakeRouter(router_pb2_grpc.RouterServicer):
             self.ended.set()
             return
         if prompt == "midfail":
-            yield pb.ReasonEvent(step=STEPS[0])
+            yield from step_events(STEPS[0])
             context.abort(grpc.StatusCode.INTERNAL, "a worker crashed")
         for s in STEPS:
-            yield pb.ReasonEvent(step=s)
+            yield from step_events(s)
         for d in ANSWER:
             yield pb.ReasonEvent(answer=pb.AnswerDelta(text=d, role=pb.ROLE_LARGE))
         yield pb.ReasonEvent(done=pb.Done(session_id=sid, answer="".join(ANSWER).strip(), stats=STATS))

@@ -58,11 +58,13 @@ def test_streaming_chunks_assemble_to_the_non_streaming_result(client):
     full = client.chat.completions.create(model="glimprouter", messages=MSG)
     stream = client.chat.completions.create(model="glimprouter", messages=MSG, stream=True,
                                             stream_options={"include_usage": True})
-    content, reasoning, finish, usage, info, steps = "", "", None, None, None, []
+    content, reasoning, finish, usage, info, steps, done = "", "", None, None, None, [], []
     for chunk in stream:
         extra = chunk.model_extra.get("glimprouter") or {}
         if "step" in extra:
             steps.append(extra["step"])
+        if "step_done" in extra:
+            done.append(extra["step_done"])
         if chunk.usage:
             usage = chunk.usage
         for ch in chunk.choices:
@@ -74,7 +76,10 @@ def test_streaming_chunks_assemble_to_the_non_streaming_result(client):
     assert reasoning == full.choices[0].message.reasoning_content
     assert finish == full.choices[0].finish_reason
     assert usage.model_dump() == full.usage.model_dump()
-    assert info == full.glimprouter and steps == full.glimprouter["step_log"]
+    assert info == full.glimprouter and done == full.glimprouter["step_log"]
+    # Each step's routing came with its first chunk, as soon as the writer was chosen.
+    assert [(s["index"], s["model"], s["entropy"]) for s in steps] == [
+        (s["index"], s["model"], s["entropy"]) for s in full.glimprouter["step_log"]]
 
 
 def test_session_header_continues_and_comes_back(gw, fake_router):

@@ -11,7 +11,7 @@ from services.router.config import RouterSettings
 from services.router.core import RouterCore
 from services.router.loop import step_seed
 from services.router.store import SessionStore
-from services.router.types import ChatTurn, ReasonRequest, StepDone
+from services.router.api.types import Message, ReasonRequest, RoutingOptions, SamplingOptions, Step
 from services.router.worker_client import LocalPool
 from services.worker.backends.sim import SimModel
 from services.worker.scheduler import Scheduler
@@ -114,11 +114,9 @@ async def test_adaptive_holds_its_target_share(redis_url, key_prefix, hard_fract
     store = SessionStore.from_url(redis_url, key_prefix, 600, 5000, 100)
     sims = [Scheduler(SimModel(m, seed=4, steps=60, step_tokens=3, hard_fraction=hard_fraction)) for m in ("s", "l")]
     core = RouterCore(RouterSettings(), store, LocalPool(sims[0]), LocalPool(sims[1]))
-    req = ReasonRequest(messages=[ChatTurn("user", "hi")])
-    req.options.routing.policy = "adaptive"
-    req.options.routing.params = {"target": 0.25}
-    req.options.sampling.seed = 1
-    roles = [ev.record.role async for ev in core.reason(req) if isinstance(ev, StepDone)][:-1]  # drop </think>
+    req = ReasonRequest(messages=[Message("user", "hi")], routing=RoutingOptions("adaptive", params={"target": 0.25}),
+                        sampling=SamplingOptions(seed=1))
+    roles = [ev.role.value async for ev in core.events(req) if isinstance(ev, Step)][:-1]  # drop </think>
     await store.close()
     hard = sum(sims[0].model.is_hard(i) for i in range(60))
     assert len(roles) == 60

@@ -13,7 +13,8 @@ from glimprouter.v1 import worker_pb2, worker_pb2_grpc
 from services.router.config import RouterSettings
 from services.router.core import RouterCore
 from services.router.store import SessionStore, unpack_ids
-from services.router.types import ChatTurn, InvalidArgument, LimitExceeded, ReasonRequest, StepDone
+from services.router.api.types import Done, Message, ReasonRequest, Step
+from services.router.errors import InvalidArgument, LimitExceeded
 from services.router.worker_client import LocalPool
 from services.worker.backends.sim import SimModel
 from services.worker.scheduler import Scheduler
@@ -321,25 +322,25 @@ def _core(redis_url, key_prefix, **settings):
 
 
 async def _run(core, req):
-    return [ev async for ev in core.reason(req)]
+    return [ev async for ev in core.events(req)]
 
 
 async def test_limits_are_clear_errors(redis_url, key_prefix):
     core, store = _core(redis_url, key_prefix, max_prompt_tokens=5)
     with pytest.raises(InvalidArgument, match="the limit is 5"):
-        await _run(core, ReasonRequest(messages=[ChatTurn("user", "a long enough prompt")]))
+        await _run(core, ReasonRequest(messages=[Message("user", "a long enough prompt")]))
     await store.close()
 
     core, store = _core(redis_url, key_prefix + "n:", max_sessions=1)
-    await _run(core, ReasonRequest(messages=[ChatTurn("user", "one")]))
+    await _run(core, ReasonRequest(messages=[Message("user", "one")]))
     with pytest.raises(LimitExceeded, match="too many live sessions"):
-        await _run(core, ReasonRequest(messages=[ChatTurn("user", "two")]))
+        await _run(core, ReasonRequest(messages=[Message("user", "two")]))
     await store.close()
 
     core, store = _core(redis_url, key_prefix + "s:", max_session_steps=3)
-    events = await _run(core, ReasonRequest(messages=[ChatTurn("user", "one")]))
-    steps = [e for e in events if isinstance(e, StepDone)]
-    assert len(steps) == 3 and steps[-1].record.end_reason == "session_steps"
+    events = await _run(core, ReasonRequest(messages=[Message("user", "one")]))
+    steps = [e for e in events if isinstance(e, Step)]
+    assert len(steps) == 3 and events[-1].stats.thinking_end == "session_steps" and isinstance(events[-1], Done)
     with pytest.raises(LimitExceeded, match="max-session-steps"):
-        await _run(core, ReasonRequest(session_id=events[0].session_id, messages=[ChatTurn("user", "more")]))
+        await _run(core, ReasonRequest(session_id=events[0].session_id, messages=[Message("user", "more")]))
     await store.close()

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import pytest
 
+from services.router.errors import FailedPrecondition, LeaseLost, LimitExceeded, SessionBusy, SessionCancelled
+from services.router.session import Kind, Record, SessionMeta
 from services.router.store import SessionStore, pack_ids, unpack_ids
-from services.router.types import FailedPrecondition, Kind, LeaseLost, Record, SessionBusy, SessionCancelled
 
 
 @pytest.fixture
@@ -16,8 +17,7 @@ async def store(redis_url, key_prefix):
 
 async def _session(store, sid="s1"):
     token = store.new_lease_token("r1")
-    await store.create(sid, token, Record(Kind.PROMPT, 0, text="p", tokens=3), {"shared": [1, 2, 3]},
-                       {"status": "running", "views": "shared", "mode": "tokens"})
+    await store.create(sid, token, Record(Kind.PROMPT, 0, text="p", tokens=3), {"shared": [1, 2, 3]}, SessionMeta())
     return token
 
 
@@ -37,7 +37,7 @@ async def test_append_is_guarded_by_lease_and_position(store):
     with pytest.raises(LeaseLost, match="lease"):
         await store.append("s1", "r2|other", 2, [(step, {"shared": [6]})], {})
     s = await store.load("s1")
-    assert s.prefixes == {"shared": [1, 2, 3, 4, 5]} and len(s.records) == 2 and s.meta["steps"] == "1"
+    assert s.prefixes == {"shared": [1, 2, 3, 4, 5]} and len(s.records) == 2 and s.meta.steps == 1
     assert s.lease_holder == "r1"
 
 
@@ -75,7 +75,5 @@ async def test_create_twice_and_session_limit(store):
         await _session(store, "a")
     for i in range(9):
         await _session(store, f"n{i}")
-    from services.router.types import LimitExceeded
-
     with pytest.raises(LimitExceeded, match="limit 10"):
         await _session(store, "one-too-many")

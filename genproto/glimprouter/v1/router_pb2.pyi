@@ -138,6 +138,38 @@ class ReasonRequest(_message.Message):
     include_token_ids: bool
     def __init__(self, session_id: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., prompt: _Optional[str] = ..., routing: _Optional[_Union[RoutingOptions, _Mapping]] = ..., budgets: _Optional[_Union[Budgets, _Mapping]] = ..., sampling: _Optional[_Union[SamplingOptions, _Mapping]] = ..., answer_by: _Optional[_Union[AnswerBy, str]] = ..., think: _Optional[bool] = ..., include_token_ids: _Optional[bool] = ...) -> None: ...
 
+class StepStart(_message.Message):
+    __slots__ = ("index", "turn", "role", "model_id", "decision", "entropy", "threshold", "attempt")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    TURN_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    DECISION_FIELD_NUMBER: _ClassVar[int]
+    ENTROPY_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    turn: int
+    role: Role
+    model_id: str
+    decision: Decision
+    entropy: float
+    threshold: float
+    attempt: int
+    def __init__(self, index: _Optional[int] = ..., turn: _Optional[int] = ..., role: _Optional[_Union[Role, str]] = ..., model_id: _Optional[str] = ..., decision: _Optional[_Union[Decision, str]] = ..., entropy: _Optional[float] = ..., threshold: _Optional[float] = ..., attempt: _Optional[int] = ...) -> None: ...
+
+class StepDelta(_message.Message):
+    __slots__ = ("index", "text", "tokens", "token_ids")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    text: str
+    tokens: int
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, index: _Optional[int] = ..., text: _Optional[str] = ..., tokens: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
 class StepEvent(_message.Message):
     __slots__ = ("index", "turn", "role", "model_id", "decision", "entropy", "threshold", "text", "tokens", "discarded_tokens", "cached_tokens", "prefilled_tokens", "latency_ms", "worker_ms", "finish_reason", "token_ids")
     INDEX_FIELD_NUMBER: _ClassVar[int]
@@ -219,28 +251,32 @@ class Stats(_message.Message):
     def __init__(self, latency_ms: _Optional[float] = ..., steps: _Optional[int] = ..., intervention_rate: _Optional[float] = ..., small: _Optional[_Union[RoleStats, _Mapping]] = ..., large: _Optional[_Union[RoleStats, _Mapping]] = ..., thinking_tokens: _Optional[int] = ..., answer_tokens: _Optional[int] = ..., thinking_end: _Optional[str] = ..., answer_end: _Optional[str] = ..., resumed_steps: _Optional[int] = ..., prompt_tokens: _Optional[int] = ...) -> None: ...
 
 class SessionStarted(_message.Message):
-    __slots__ = ("session_id", "turn", "prefix_mode", "resumed_steps", "small_model", "large_model")
+    __slots__ = ("session_id", "turn", "prefix_mode", "resumed_steps", "small_model", "large_model", "thinking")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TURN_FIELD_NUMBER: _ClassVar[int]
     PREFIX_MODE_FIELD_NUMBER: _ClassVar[int]
     RESUMED_STEPS_FIELD_NUMBER: _ClassVar[int]
     SMALL_MODEL_FIELD_NUMBER: _ClassVar[int]
     LARGE_MODEL_FIELD_NUMBER: _ClassVar[int]
+    THINKING_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     turn: int
     prefix_mode: PrefixMode
     resumed_steps: int
     small_model: str
     large_model: str
-    def __init__(self, session_id: _Optional[str] = ..., turn: _Optional[int] = ..., prefix_mode: _Optional[_Union[PrefixMode, str]] = ..., resumed_steps: _Optional[int] = ..., small_model: _Optional[str] = ..., large_model: _Optional[str] = ...) -> None: ...
+    thinking: bool
+    def __init__(self, session_id: _Optional[str] = ..., turn: _Optional[int] = ..., prefix_mode: _Optional[_Union[PrefixMode, str]] = ..., resumed_steps: _Optional[int] = ..., small_model: _Optional[str] = ..., large_model: _Optional[str] = ..., thinking: _Optional[bool] = ...) -> None: ...
 
 class AnswerDelta(_message.Message):
-    __slots__ = ("text", "role")
+    __slots__ = ("text", "role", "tokens")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
     text: str
     role: Role
-    def __init__(self, text: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ...) -> None: ...
+    tokens: int
+    def __init__(self, text: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., tokens: _Optional[int] = ...) -> None: ...
 
 class Done(_message.Message):
     __slots__ = ("session_id", "answer", "stats")
@@ -253,16 +289,20 @@ class Done(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., answer: _Optional[str] = ..., stats: _Optional[_Union[Stats, _Mapping]] = ...) -> None: ...
 
 class ReasonEvent(_message.Message):
-    __slots__ = ("started", "step", "answer", "done")
+    __slots__ = ("started", "step", "answer", "done", "step_start", "step_delta")
     STARTED_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     ANSWER_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
+    STEP_START_FIELD_NUMBER: _ClassVar[int]
+    STEP_DELTA_FIELD_NUMBER: _ClassVar[int]
     started: SessionStarted
     step: StepEvent
     answer: AnswerDelta
     done: Done
-    def __init__(self, started: _Optional[_Union[SessionStarted, _Mapping]] = ..., step: _Optional[_Union[StepEvent, _Mapping]] = ..., answer: _Optional[_Union[AnswerDelta, _Mapping]] = ..., done: _Optional[_Union[Done, _Mapping]] = ...) -> None: ...
+    step_start: StepStart
+    step_delta: StepDelta
+    def __init__(self, started: _Optional[_Union[SessionStarted, _Mapping]] = ..., step: _Optional[_Union[StepEvent, _Mapping]] = ..., answer: _Optional[_Union[AnswerDelta, _Mapping]] = ..., done: _Optional[_Union[Done, _Mapping]] = ..., step_start: _Optional[_Union[StepStart, _Mapping]] = ..., step_delta: _Optional[_Union[StepDelta, _Mapping]] = ...) -> None: ...
 
 class ReasonResponse(_message.Message):
     __slots__ = ("session_id", "turn", "prefix_mode", "steps", "answer", "stats")

@@ -67,7 +67,9 @@ class RouterServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ReasonStream(self, request, context):
-        """The same, as events: started, each step as it completes, answer deltas, done.
+        """The same, as events: started; per step its start (the decision), the text
+        as it is written (deltas) and the finished step as stored; answer deltas;
+        done.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

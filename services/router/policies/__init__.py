@@ -1,16 +1,18 @@
-"""Routing policies, chosen by name per request."""
+"""Routing policies, chosen by name per request. Every module of this package is
+imported here, so a Policy subclass defined in a new module registers itself."""
 from __future__ import annotations
 
-from services.router.policies.base import Param, Policy, StepContext, StepOutcome
-from services.router.policies.glimpse import Adaptive, Glimpse
-from services.router.policies.simple import LargeOnly, RandomPolicy, SmallOnly
-from services.router.policies.step_entropy import StepEntropy
-from services.router.policies.verify import Verify
-from services.router.types import InvalidArgument, RoutingOptions
+import importlib
+import pkgutil
 
-POLICIES: dict[str, type[Policy]] = {
-    cls.name: cls for cls in (Glimpse, LargeOnly, SmallOnly, RandomPolicy, Verify, StepEntropy, Adaptive)
-}
+from services.router.api.types import RoutingOptions
+from services.router.errors import InvalidArgument
+from services.router.policies.base import REGISTRY, Param, Policy, StepContext, StepOutcome
+
+for _m in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_m.name}")
+
+POLICIES: dict[str, type[Policy]] = REGISTRY
 
 
 def make_policy(routing: RoutingOptions) -> Policy:

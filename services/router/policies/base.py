@@ -1,6 +1,19 @@
 """The policy interface: given one step's context, decide who writes the step and
 get it written. Policies call the workers only through the StepContext, so the
-same policy runs over gRPC pools and over in-process engines."""
+same policy runs over gRPC pools and over in-process engines.
+
+A policy describes itself: its name, the signal its decision reads (what a
+step's `entropy` field holds, and how metrics and spans label it), its
+parameters, and how a decision is labelled. Subclassing Policy registers it, so
+adding a policy is one new module in this package.
+
+Streaming: a step's writer is announced (StepStart) before its text streams.
+Policies that decide before writing (glimpse, random) call `ctx.write(role, ...)`,
+which announces and streams; policies that decide after drafting (verify,
+step-entropy) `ctx.draft(...)` silently, then `ctx.keep(draft, ...)` (announce,
+then the draft as one delta) or `ctx.write(LARGE, ...)` (announce, stream the
+rewrite).
+"""
 from __future__ import annotations
 
 import abc
@@ -8,8 +21,12 @@ import math
 from dataclasses import dataclass
 from typing import Callable, ClassVar, Protocol
 
-from services.router.types import InvalidArgument, Record, Role
-from services.worker.types import EntropyMethod, Generation, Glimpse, StepResult
+from services.router.api.types import Role
+from services.router.errors import InvalidArgument
+from services.router.session import Record
+from services.worker.types import EntropyMethod, Generation, Glimpse
+
+REGISTRY: dict[str, type["Policy"]] = {}
 
 
 @dataclass
@@ -27,7 +44,7 @@ class StepContext(Protocol):
 
     index: int  # step index over the session
     seed: int  # this step's sampling seed
-    fused: bool
+    fused: bool  # glimpse_mode fused: one Step call glimpses, decides and writes
     method: EntropyMethod
     top_k: int
     history: list[Record]  # the session's earlier step records, oldest first
@@ -35,11 +52,19 @@ class StepContext(Protocol):
     async def glimpse(self) -> Glimpse:
         """The small model's first-token distribution at this step boundary."""
 
-    async def write(self, role: Role, return_entropies: bool = False) -> Generation:
-        """Generate the step on `role`'s worker."""
+    async def fused_step(self, threshold: float) -> StepOutcome:
+        """The small worker's streamed Step: glimpse, decide (announced at once), and on
+        KEEP write the step there; on ESCALATE the large model writes it."""
 
-    async def fused_step(self, threshold: float) -> StepResult:
-        """The small worker's Step: glimpse, decide, and on KEEP write the step."""
+    async def write(self, role: Role, value: float = math.nan, threshold: float = math.nan) -> Generation:
+        """Announce `role` as the step's writer (with the value it was chosen on) and
+        generate the step on its worker, streamed to the caller as it is written."""
+
+    async def draft(self, role: Role, return_entropies: bool = False) -> Generation:
+        """Generate the step on `role`'s worker without showing it (it may be discarded)."""
+
+    async def keep(self, role: Role, draft: Generation, value: float = math.nan, threshold: float = math.nan) -> None:
+        """Announce `role` as the writer of an already drafted step, and show the draft."""
 
     async def score(self, draft: Generation, judge_text: str, top_k: int) -> Glimpse:
         """The large model's next-token distribution after the draft and a judge prompt."""
@@ -56,8 +81,16 @@ class Param:
 class Policy(abc.ABC):
     name: ClassVar[str]
     summary: ClassVar[str]
+    # What a step's value (`entropy` in its events) is: glimpse_entropy,
+    # step_mean_entropy, verify_score, random_draw, or none.
+    signal: ClassVar[str] = "none"
     params: ClassVar[dict[str, Param]] = {}
     uses_threshold: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            REGISTRY[cls.name] = cls
 
     def __init__(self, threshold: float, params: dict[str, float]) -> None:
         if not math.isfinite(threshold):
@@ -76,6 +109,10 @@ class Policy(abc.ABC):
                 raise InvalidArgument(f"policy {self.name!r}: parameter {key!r} must be {spec.rule}, got {value!r}")
             self.p[key] = value
 
+    def label(self, writer: Role) -> str:
+        """How a decision is named in metrics and span names (small/large by default)."""
+        return writer.value
+
     @abc.abstractmethod
     async def write_step(self, ctx: StepContext) -> StepOutcome: ...
 
@@ -83,13 +120,10 @@ class Policy(abc.ABC):
 async def route_by_glimpse(ctx: StepContext, tau: float) -> StepOutcome:
     """The paper's rule: the large model writes the step when H(first token) >= tau."""
     if ctx.fused:
-        result = await ctx.fused_step(tau)
-        if result.generation is not None:  # KEEP: the small worker already wrote it
-            return StepOutcome(Role.SMALL, result.generation, result.entropy, tau, glimpses=1)
-        return StepOutcome(Role.LARGE, await ctx.write(Role.LARGE), result.entropy, tau, glimpses=1)
+        return await ctx.fused_step(tau)
     g = await ctx.glimpse()
     h = g.entropy(ctx.method)
     if h < 0:
         raise InvalidArgument("the small worker cannot compute full-vocabulary entropy; use entropy=top_k")
     writer = Role.LARGE if h >= tau else Role.SMALL
-    return StepOutcome(writer, await ctx.write(writer), h, tau, glimpses=1)
+    return StepOutcome(writer, await ctx.write(writer, h, tau), h, tau, glimpses=1)

@@ -1,6 +1,7 @@
 """GlimpRouter: route on the small model's first-token entropy (static or tracked tau)."""
 from __future__ import annotations
 
+import bisect
 import math
 
 from services.router.policies.base import Param, Policy, StepContext, StepOutcome, route_by_glimpse
@@ -9,6 +10,7 @@ from services.router.policies.base import Param, Policy, StepContext, StepOutcom
 class Glimpse(Policy):
     name = "glimpse"
     summary = "the small model glimpses one token; entropy >= threshold sends the step to the large model"
+    signal = "glimpse_entropy"
     uses_threshold = True
 
     async def write_step(self, ctx: StepContext) -> StepOutcome:
@@ -32,6 +34,7 @@ class Adaptive(Policy):
 
     name = "adaptive"
     summary = "glimpse with tau tracked online to hold a target share of large-model steps"
+    signal = "glimpse_entropy"
     uses_threshold = True  # the starting tau
     params = {
         "target": Param(0.25, lambda v: 0.0 < v < 1.0, "in (0, 1)", "share of steps the large model should write"),
@@ -39,17 +42,32 @@ class Adaptive(Policy):
         "window": Param(0.0, lambda v: v >= 0 and v == int(v), "an integer >= 0", "glimpses the quantile looks back on (0: all)"),
     }
 
+    def __init__(self, threshold: float, params: dict[str, float]) -> None:
+        super().__init__(threshold, params)
+        # The track, updated with each new step of the history (never rescanned).
+        self._seen = 0
+        self._values: list[float] = []  # glimpse entropies in order
+        self._sorted: list[float] = []  # the window's entropies, sorted
+        self._correction = 0.0
+
+    def _catch_up(self, history) -> None:
+        target, window = self.p["target"], int(self.p["window"])
+        for r in history[self._seen:]:
+            if not r.glimpses or math.isnan(r.entropy):
+                continue
+            self._correction += self.p["eta"] * ((1.0 if r.decision == "large" else 0.0) - target)
+            self._values.append(r.entropy)
+            bisect.insort(self._sorted, r.entropy)
+            if window and len(self._sorted) > window:
+                del self._sorted[bisect.bisect_left(self._sorted, self._values[-window - 1])]
+        self._seen = len(history)
+
     def current_tau(self, ctx: StepContext) -> float:
-        glimpsed = [r for r in ctx.history if r.glimpses and not math.isnan(r.entropy)]
-        if not glimpsed:
+        self._catch_up(ctx.history)
+        if not self._sorted:
             return self.threshold
-        target = self.p["target"]
-        correction = self.p["eta"] * sum((1.0 if r.decision == "large" else 0.0) - target for r in glimpsed)
-        window = int(self.p["window"])
-        values = [r.entropy for r in glimpsed]
-        recent = sorted(values[-window:] if window else values)
-        k = max(1, math.ceil(target * len(recent)))
-        return recent[-k] + correction
+        k = max(1, math.ceil(self.p["target"] * len(self._sorted)))
+        return self._sorted[-k] + self._correction
 
     async def write_step(self, ctx: StepContext) -> StepOutcome:
         return await route_by_glimpse(ctx, self.current_tau(ctx))

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import random
 
+from services.router.api.types import Role
 from services.router.policies.base import Param, Policy, StepContext, StepOutcome
-from services.router.types import Role
 
 
 class LargeOnly(Policy):
@@ -26,10 +26,11 @@ class SmallOnly(Policy):
 class RandomPolicy(Policy):
     name = "random"
     summary = "the large model writes a step with probability p"
+    signal = "random_draw"
     params = {"p": Param(0.25, lambda v: 0.0 <= v <= 1.0, "in [0, 1]", "probability that a step goes to the large model")}
 
     async def write_step(self, ctx: StepContext) -> StepOutcome:
         # Seeded by the step's seed so a resumed session flips the same coins.
         draw = random.Random(ctx.seed).random()
         writer = Role.LARGE if draw < self.p["p"] else Role.SMALL
-        return StepOutcome(writer, await ctx.write(writer), draw, self.p["p"])
+        return StepOutcome(writer, await ctx.write(writer, draw, self.p["p"]), draw, self.p["p"])

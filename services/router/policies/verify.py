@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 
+from services.router.api.types import Role
 from services.router.policies.base import Param, Policy, StepContext, StepOutcome
-from services.router.types import Role
 
 # Appended after the draft, only for scoring (never part of the session's prefix).
 JUDGE_TEXT = (
@@ -28,16 +28,22 @@ def score_of(top) -> float:
 class Verify(Policy):
     name = "verify"
     summary = "the small model drafts the step; the large model scores it 0-9 and rewrites it below accept_score"
+    signal = "verify_score"
     params = {
         "accept_score": Param(7.0, lambda v: 0.0 <= v <= 10.0, "in [0, 10]", "lowest score whose draft is kept"),
         "top_k": Param(10.0, lambda v: 1.0 <= v <= 100.0 and v == int(v), "an integer in [1, 100]", "tokens the score is read from"),
     }
 
+    def label(self, writer: Role) -> str:
+        # The large model accepted the draft, or rejected (and rewrote) it.
+        return "accept" if writer is Role.SMALL else "reject"
+
     async def write_step(self, ctx: StepContext) -> StepOutcome:
-        draft = await ctx.write(Role.SMALL)
+        draft = await ctx.draft(Role.SMALL)
         scored = await ctx.score(draft, JUDGE_TEXT, int(self.p["top_k"]))
-        score = score_of(scored.top)
-        if score >= self.p["accept_score"]:
-            return StepOutcome(Role.SMALL, draft, score, self.p["accept_score"])
-        rewrite = await ctx.write(Role.LARGE)
-        return StepOutcome(Role.LARGE, rewrite, score, self.p["accept_score"], discarded_tokens=len(draft.token_ids))
+        score, accept = score_of(scored.top), self.p["accept_score"]
+        if score >= accept:
+            await ctx.keep(Role.SMALL, draft, score, accept)
+            return StepOutcome(Role.SMALL, draft, score, accept)
+        rewrite = await ctx.write(Role.LARGE, score, accept)
+        return StepOutcome(Role.LARGE, rewrite, score, accept, discarded_tokens=len(draft.token_ids))

@@ -1,9 +1,10 @@
-"""A session (the router's GetSession) as the JSON the gateway and `glimprouter session show --format json` return."""
+"""A session (the router's GetSession) as JSON: what the gateway's GET /v1/sessions/{id}
+and `glimprouter session show --format json` both return."""
 from __future__ import annotations
 
 import json
 
-from gateway.events import SessionInfo
+from services.router.api.types import SessionInfo
 
 
 def session_json(info: SessionInfo) -> dict:
@@ -18,7 +19,7 @@ def session_json(info: SessionInfo) -> dict:
         "object": "glimprouter.session",
         "status": info.status,
         "turn": info.turn,
-        "prefix_mode": info.prefix_mode,
+        "prefix_mode": info.prefix_mode.value if info.prefix_mode else "",
         "small_model": info.small_model,
         "large_model": info.large_model,
         "options": options,
