@@ -25,7 +25,7 @@ def py_spy() -> str | None:
 
 
 class Recording:
-    def __init__(self, pid: int, path: Path, rate: int = 200) -> None:
+    def __init__(self, pid: int, path: Path, rate: int = 200, native: bool = False) -> None:
         exe = py_spy()
         if exe is None:
             raise SystemExit("--profile needs py-spy (pip install py-spy)")
@@ -34,8 +34,9 @@ class Recording:
         # --nonblocking: read the target's memory without pausing it, so the profile
         # disturbs the measured process as little as possible.
         self.proc = subprocess.Popen(
-            [exe, "record", "--pid", str(pid), "--rate", str(rate), "--format", "raw", "--nonblocking",
-             "--output", str(path)],
+            # (--native needs the process paused while its stack is read.)
+            [exe, "record", "--pid", str(pid), "--rate", str(rate), "--format", "raw", "--output", str(path),
+             *(["--native"] if native else ["--nonblocking"])],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
 

@@ -41,6 +41,19 @@ def command_counts(r: redis.Redis) -> dict[str, int]:
     return {k: v["calls"] for k, v in r.info("commandstats").items()}
 
 
+def router_metrics(port: int) -> dict[str, float]:
+    """The router's Prometheus counters (name{labels} -> value)."""
+    import urllib.request
+
+    out = {}
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        for line in r.read().decode().splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                out[name] = float(value)
+    return out
+
+
 def pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
@@ -49,8 +62,10 @@ def pct(xs: list[float], q: float) -> float:
 async def one_session(stub, overheads: list[float], policy: str) -> int:
     steps = 0
     req = pb.ReasonRequest(prompt="What is 2 + 3?", routing=pb.RoutingOptions(policy=policy))
-    async for ev in stub.ReasonStream(req, timeout=30):
-        if ev.HasField("step"):
+    async for batch in stub.ReasonStream(req, timeout=30):
+        for ev in batch.events:
+            if not ev.HasField("step"):
+                continue
             overheads.append((ev.step.latency_ms - ev.step.worker_ms) * 1000.0)
             steps += 1
     return steps
@@ -74,7 +89,7 @@ async def run_level(address: str, concurrency: int, sessions: int, policy: str) 
     overheads: list[float] = []
     async with grpc.aio.insecure_channel(address) as ch:
         stub = router_pb2_grpc.RouterStub(ch)
-        await one_session(stub, [], policy)  # warm up connections and caches
+        warm = await one_session(stub, [], policy)  # warm up connections and caches
         queue = list(range(sessions))
         total = 0
 
@@ -88,7 +103,7 @@ async def run_level(address: str, concurrency: int, sessions: int, policy: str) 
         t0 = time.perf_counter()
         await asyncio.gather(*(client() for _ in range(concurrency)))
         wall = time.perf_counter() - t0
-    return {"steps": total, "wall": wall, "overheads": overheads}
+    return {"steps": total, "warm_steps": warm, "wall": wall, "overheads": overheads}
 
 
 def main() -> int:
@@ -96,9 +111,12 @@ def main() -> int:
     ap.add_argument("--levels", default=",".join(map(str, LEVELS)))
     ap.add_argument("--sessions-per-client", type=int, default=4, help="sessions each concurrent client runs (min 64 sessions per level)")
     ap.add_argument("--policy", default="glimpse")
+    ap.add_argument("--sim-steps", type=int, default=6, help="steps of each session before its </think> step")
+    ap.add_argument("--router-args", default="", help="extra router flags, e.g. \"--event-loop asyncio\"")
     ap.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
     ap.add_argument("--profile", metavar="DIR", help="also record the router with py-spy during each level (raw stacks in DIR) "
                     "and print its top costs; the CPU figures of a profiled run are not comparable")
+    ap.add_argument("--native", action="store_true", help="with --profile: C frames too (grpc core, protobuf)")
     args = ap.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
 
@@ -109,14 +127,17 @@ def main() -> int:
     services: list[procs.Service] = []
     try:
         r = redis.Redis(port=rs.port)
-        sim = ["services.worker", "--backend", "sim", "--model", "sim", "--port", "0", "--sim-hard-steps", "1,3"]
+        sim = ["services.worker", "--backend", "sim", "--model", "sim", "--port", "0", "--sim-hard-steps", "1,3",
+               "--sim-steps", str(args.sim_steps),
+               "--parallel", "256"]  # every session in flight decodes in the one batch, none queues
         small = procs.start("worker", sim + ["--model-id", "sim-small"], timeout=60)
         large = procs.start("worker", sim + ["--model-id", "sim-large"], timeout=60)
         services += [small, large]
         router = procs.start(
             "router",
             ["services.router", "--port", "0", "--small", small.address, "--large", large.address,
-             "--redis-url", rs.url, "--key-prefix", "bench:", "--max-concurrent", "1024"],
+             "--redis-url", rs.url, "--key-prefix", "bench:", "--max-concurrent", "1024", "--metrics-port", "0",
+             *args.router_args.split()],
             timeout=60,
         )
         services.append(router)
@@ -125,28 +146,39 @@ def main() -> int:
         rows = []
         for n in levels:
             sessions = max(64, n * args.sessions_per_client)
-            rec = profile.Recording(router.proc.pid, Path(args.profile) / f"router-{n}.txt") if args.profile else None
-            before_cmd, before_cpu = command_counts(r), cpu_seconds(router.proc.pid)
+            rec = (profile.Recording(router.proc.pid, Path(args.profile) / f"router-{n}.txt", native=args.native)
+                   if args.profile else None)
+            mport = int(router.ready_fields["metrics_port"])
+            before_cmd, before_cpu, before_m = command_counts(r), cpu_seconds(router.proc.pid), router_metrics(mport)
             res = asyncio.run(run_level(router.address, n, sessions, args.policy))
-            after_cmd, after_cpu = command_counts(r), cpu_seconds(router.proc.pid)
+            after_cmd, after_cpu, after_m = command_counts(r), cpu_seconds(router.proc.pid), router_metrics(mport)
             if rec is not None:
                 top = profile.top(rec.stop())
                 print(f"py-spy, {n} sessions ({top['samples']} samples):\n{profile.table(top)}", flush=True)
             delta = {k: after_cmd.get(k, 0) - before_cmd.get(k, 0) for k in after_cmd}
-            steps = res["steps"] + 7  # include the warm-up session's steps in the per-step counts
+            steps = res["steps"] + res["warm_steps"]  # the warm-up session's steps are in the CPU and command counts
             scripts = sum(v for k, v in delta.items() if k in ("cmdstat_evalsha", "cmdstat_eval"))
             total_cmds = sum(v for k, v in delta.items() if k != "cmdstat_info")
+            dm = {k: after_m.get(k, 0) - before_m.get(k, 0) for k in after_m}
+            msgs = {k.split("{")[1].rstrip("}"): v / steps for k, v in dm.items()
+                    if k.startswith("glimprouter_router_grpc_messages_total{")}
+            trips = dm.get("glimprouter_router_redis_round_trips_total", 0) / steps
             ov = res["overheads"]
             rows.append({
                 "n": n, "sessions": sessions, "steps": res["steps"],
                 "p50": pct(ov, 0.5), "p99": pct(ov, 0.99), "mean": statistics.fmean(ov),
                 "sps": res["steps"] / res["wall"], "cpu_us": (after_cpu - before_cpu) / steps * 1e6,
-                "cmds": total_cmds / steps, "scripts": scripts / steps,
+                "cmds": total_cmds / steps, "scripts": scripts / steps, "trips": trips,
+                "to_client": msgs.get('direction="sent",stream="reason"', 0),
+                "mux_sent": msgs.get('direction="sent",stream="multiplex"', 0),
+                "mux_received": msgs.get('direction="received",stream="multiplex"', 0),
             })
             row = rows[-1]
             print(f"{n:>4} sessions: overhead p50 {row['p50']:.0f} us p99 {row['p99']:.0f} us, "
                   f"{row['sps']:.0f} steps/s, router CPU {row['cpu_us']:.0f} us/step, "
-                  f"redis {row['cmds']:.1f} cmds/step ({row['scripts']:.2f} scripts/step)", flush=True)
+                  f"redis {row['cmds']:.1f} cmds/step ({row['scripts']:.2f} scripts, {row['trips']:.2f} round trips/step), "
+                  f"grpc messages/step: to clients {row['to_client']:.2f}, to workers {row['mux_sent']:.2f}, "
+                  f"from workers {row['mux_received']:.2f}", flush=True)
     finally:
         for svc in reversed(services):
             svc.stop()

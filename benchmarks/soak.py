@@ -48,6 +48,12 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
+async def _events(stream):
+    async for batch in stream:  # the events that piled up at the router since its last message
+        for ev in batch.events:
+            yield ev
+
+
 def pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
@@ -100,7 +106,7 @@ class Soak:
             self.started += 1
         sid = session_id
         try:
-            async for ev in stub.ReasonStream(req, timeout=self.timeout_s):
+            async for ev in _events(stub.ReasonStream(req, timeout=self.timeout_s)):
                 if ev.HasField("started"):
                     sid = ev.started.session_id
                     if not session_id:

@@ -57,12 +57,17 @@ def enum_from_pb(cls: type[E], pb_enum, value: int, default: E | None = None) ->
 
 
 # ---- flat dataclasses (every field a plain value of the same name) ----------------------------
+@functools.lru_cache(maxsize=None)
+def _names(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
 def flat_to_pb(obj, msg_cls):
-    return msg_cls(**{f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)})
+    return msg_cls(**{name: getattr(obj, name) for name in _names(type(obj))})
 
 
 def flat_from_pb(cls: type[D], msg) -> D:
-    return cls(**{f.name: getattr(msg, f.name) for f in dataclasses.fields(cls)})
+    return cls(*[getattr(msg, name) for name in _names(cls)])
 
 
 # ---- nested dataclasses ---------------------------------------------------------------------------

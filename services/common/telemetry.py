@@ -68,7 +68,9 @@ def setup(default_service_name: str, *, trace_servers: bool = True) -> bool:
             provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
             trace.set_tracer_provider(provider)
             log.info("exporting traces over OTLP")
-        no_health = filters.negate(filters.health_check())
+        # Health checks make no spans; nor does a Multiplex stream, which lives as long as
+        # its channel: its calls get spans of their own (services/router/mux.py, services/worker/mux.py).
+        no_health = filters.negate(filters.any_of(filters.health_check(), filters.method_name("Multiplex")))
         if trace_servers:
             GrpcAioInstrumentorServer(filter_=no_health).instrument()
         GrpcAioInstrumentorClient(filter_=no_health).instrument()

@@ -25,6 +25,8 @@ class RouterSettings:
     max_sessions: int = setting(10000, "live sessions in Redis (a new one beyond that is refused)")
     max_concurrent: int = setting(512, "sessions this router works on at once")
     request_timeout_s: float = setting(600.0, "deadline for a request that carries none")
+    stream_interval_ms: int = setting(50, "text a writer produces waits up to this long (at the worker, then here) to be sent with what follows it; a call's first text goes at once (0: every token as it comes, at more CPU per step)")
+    stream_messages_per_s: int = setting(400, "messages a second this router sends over all its ReasonStreams at most: each stream gets an equal share (its gap grows past --stream-interval-ms when many are open), which bounds the CPU streaming costs (0: no bound)")
     worker_retries: int = setting(2, "retries of a failed worker call on another replica (within the deadline)")
     health_interval_s: float = setting(2.0, "seconds between health checks of each worker endpoint")
     connect_timeout_s: float = setting(60.0, "seconds to wait at startup for each pool to answer GetModelInfo")

@@ -186,7 +186,7 @@ class RouterCore:
             spans.turn(span, options, policy)
             loop = StepLoop(state, options, policy, small, large, _LeaseWriter(self.store, lease, state, affinity), emit,
                             include_token_ids=req.include_token_ids, max_session_steps=self.settings.max_session_steps,
-                            attempts=self.settings.worker_retries + 1)
+                            attempts=self.settings.worker_retries + 1, token_cache=self.turns.constants)
             await loop.run()
         except asyncio.CancelledError:
             reason = lease.stop_reason

@@ -221,6 +221,7 @@ class StepLoop:
         include_token_ids: bool = False,
         max_session_steps: int = 0,
         attempts: int = 3,
+        token_cache: dict | None = None,
     ) -> None:
         self.state = state
         self.options = options
@@ -233,7 +234,9 @@ class StepLoop:
         self.max_session_steps = max_session_steps
         self.attempts = max(1, attempts)
         self.views = views_for(state.mode)
-        self._token_cache: dict[tuple[Role, str], list[int]] = {}
+        # Tokens of constant texts (the answer's join, the verify judge) per model: the
+        # same for every session, so a router shares one cache.
+        self._token_cache: dict[tuple[Role, str], list[int]] = {} if token_cache is None else token_cache
 
     def worker(self, role: Role) -> WorkerClient:
         return self.small if role is Role.SMALL else self.large
@@ -242,7 +245,7 @@ class StepLoop:
         key = (role, text)
         if key not in self._token_cache:
             self._token_cache[key] = await self.worker(role).tokenize(text)
-        return self._token_cache[key]
+        return list(self._token_cache[key])
 
     async def _tokens_by_view(self, writer: Role, ids: list[int], text: str) -> dict[str, list[int]]:
         """The tokens one piece of text appends to each view: the writer's own ids,

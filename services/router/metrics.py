@@ -92,6 +92,15 @@ RETRIES = Counter(
     "glimprouter_router_worker_retries_total", "Worker calls retried on another replica, by role and method", ["role", "method"]
 )
 
+MESSAGES = Counter(
+    "glimprouter_router_grpc_messages_total",
+    "gRPC messages the router sent and received on its streams: to clients (ReasonStream) and on the workers' Multiplex streams",
+    ["stream", "direction"],
+)
+REDIS_ROUND_TRIPS = Counter(
+    "glimprouter_router_redis_round_trips_total", "Round trips to Redis that carried the store's scripts (each carries one or more)")
+REDIS_SCRIPTS = Counter("glimprouter_router_redis_scripts_total", "Store scripts run (step writes, lease renewals, ...)")
+
 _children: dict[tuple, object] = {}
 
 
@@ -114,6 +123,15 @@ def worker_call(role: str, endpoint: str, method: str, code: str, seconds: float
     if usage is not None:
         child(WORKER_PROMPT_TOKENS, role, endpoint, "prefilled").inc(usage.prefilled_tokens)
         child(WORKER_PROMPT_TOKENS, role, endpoint, "cached").inc(usage.cached_tokens)
+
+
+def message(stream: str, direction: str) -> None:
+    child(MESSAGES, stream, direction).inc()
+
+
+def redis_round_trip(scripts: int) -> None:
+    REDIS_ROUND_TRIPS.inc()
+    REDIS_SCRIPTS.inc(scripts)
 
 
 def worker_retry(role: str, method: str) -> None:

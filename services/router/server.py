@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
+import math
 import signal
 import time
 
@@ -23,7 +25,7 @@ from services.common import grpc_input, telemetry, tls
 from services.common import owner as owners
 from services.router import metrics, spans
 from services.router.api import protomap
-from services.router.api.types import Done, Event, Started, Step
+from services.router.api.types import AnswerDelta, Done, Event, Started, Step, StepDelta
 from services.router.config import RouterSettings
 from services.router.core import RouterCore
 from services.router.errors import InvalidArgument, RouterError
@@ -84,6 +86,98 @@ def _request(request: pb.ReasonRequest, context: grpc.aio.ServicerContext, defau
         raise InvalidArgument(str(exc)) from None
 
 
+class _Outbox:
+    """The events of one ReasonStream, sent as they pile up.
+
+    The call's work runs as its own task and hands events here; the handler writes
+    what piled up as one message, consecutive deltas of a step merged. A message
+    costs the router far more CPU than an event in it, so:
+    - the call's first text, Started and Done go out at once;
+    - other text goes once an interval has passed since the previous message:
+      --stream-interval-ms, or longer when many streams are open, so that all of
+      them together send at most --stream-messages-per-s;
+    - a step's start and its stored step carry no text: they go with the next
+      message, or on their own after ten intervals.
+    So the messages of a call follow its duration over the interval, not its
+    tokens, and the step loop waits for the client only when it falls far behind."""
+
+    LIMIT = 1024  # events queued before the loop waits for the client
+    open = 0  # streams being served by this process
+
+    def __init__(self, interval_s: float, budget_per_s: float) -> None:
+        self.base_s = interval_s
+        self.budget = budget_per_s
+        self.events: list[pb.ReasonEvent] = []
+        self.ready = asyncio.Event()
+        self.space = asyncio.Event()
+        self.texted = False  # the call's first text was queued
+        self.last = -math.inf  # loop time of the last write
+        self.due = math.inf  # loop time by which what is queued must go out
+        self.timer: asyncio.TimerHandle | None = None
+        self._delta: tuple[int, pb.StepDelta] | None = None  # the last queued event, when a delta
+
+    async def put(self, ev: Event) -> None:
+        if isinstance(ev, StepDelta) and self._delta is not None and self._delta[0] == ev.index:
+            d = self._delta[1]
+            d.text += ev.text
+            d.tokens += ev.tokens
+            d.token_ids.extend(ev.token_ids)
+            return
+        msg = protomap.event_to_pb(ev)
+        self.events.append(msg)
+        self._delta = (ev.index, msg.step_delta) if isinstance(ev, StepDelta) else None
+        if isinstance(ev, (StepDelta, AnswerDelta)) and ev.text:
+            due = self.last + self.interval_s if self.texted else -math.inf
+            self.texted = True
+        elif isinstance(ev, (Started, Done)):
+            due = -math.inf
+        else:  # no text: rides with the next message, or goes ten intervals after it came
+            due = asyncio.get_running_loop().time() + 10 * self.interval_s
+        if due < self.due:
+            self.due = due
+            self.ready.set()
+        if len(self.events) >= self.LIMIT:
+            self.space.clear()
+            await self.space.wait()
+
+    @property
+    def interval_s(self) -> float:
+        return max(self.base_s, _Outbox.open / self.budget if self.budget > 0 else 0.0)
+
+    async def send(self, context: grpc.aio.ServicerContext, producer: asyncio.Task) -> None:
+        """Writes until `producer` has ended and everything it put is sent."""
+        _Outbox.open += 1
+        try:
+            await self._send(context, producer)
+        finally:
+            _Outbox.open -= 1
+
+    async def _send(self, context: grpc.aio.ServicerContext, producer: asyncio.Task) -> None:
+        loop = asyncio.get_running_loop()
+        producer.add_done_callback(lambda _: self.ready.set())
+        while True:
+            if not self.events:
+                if producer.done():
+                    return
+            else:
+                wait = self.due - loop.time()
+                if wait <= 0 or producer.done():
+                    if self.timer is not None:
+                        self.timer.cancel()
+                        self.timer = None
+                    batch, self.events, self._delta, self.due = self.events, [], None, math.inf
+                    self.space.set()
+                    await context.write(pb.ReasonEvents(events=batch))
+                    metrics.message("reason", "sent")
+                    self.last = loop.time()
+                    continue
+                if self.timer is not None:
+                    self.timer.cancel()
+                self.timer = loop.call_later(wait, self.ready.set)
+            await self.ready.wait()
+            self.ready.clear()
+
+
 class RouterServicer(pb_grpc.RouterServicer):
     """Protobuf in, events out: the core does the work (core.py)."""
 
@@ -100,11 +194,18 @@ class RouterServicer(pb_grpc.RouterServicer):
     async def ReasonStream(self, request, context):
         async with _call(context, "ReasonStream"):
             req = _request(request, context, self.settings.request_timeout_s)
-
-            async def write(ev: Event) -> None:
-                await context.write(protomap.event_to_pb(ev))
-
-            await self.core.reason(req, write, _owner(context))
+            owner = _owner(context)
+            outbox = _Outbox(self.settings.stream_interval_ms / 1000, self.settings.stream_messages_per_s)
+            # The work in a task of its own (it inherits this call's deadline and span), so
+            # events pile up in the outbox while a message is being written.
+            work = asyncio.get_running_loop().create_task(self.core.reason(req, outbox.put, owner))
+            try:
+                await outbox.send(context, work)
+            finally:
+                if not work.done():  # the client went away (or the write failed): stop the work
+                    work.cancel()
+                await asyncio.gather(work, return_exceptions=True)
+            work.result()  # its error, after every event before it was sent
 
     async def Reason(self, request, context):
         out = pb.ReasonResponse()
@@ -152,6 +253,7 @@ class RouterServer:
             max_message_bytes=settings.max_message_bytes,
             default_timeout_s=settings.request_timeout_s,
             tls=self.worker_tls,
+            coalesce_ms=settings.stream_interval_ms,
         )
         self.pools = {
             "small": WorkerPool("small", list(settings.small), **common),
@@ -255,6 +357,11 @@ async def serve(settings: RouterSettings) -> None:
         loop.add_signal_handler(sig, stopping.set)
     port = await server.start()
     assert server.core is not None
+    # What exists now (modules, stubs, pools) lives as long as the process: keep it out
+    # of the collector's scans, and collect the young generation less often (a step
+    # allocates hundreds of short-lived objects, none of them in cycles it relies on).
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 20)
     # Parents (the CLI, tests) read this line to learn the port when --port 0.
     print(f"glimprouter-router ready mode={server.core.mode.value} port={port} metrics_port={metrics_port}", flush=True)
     await stopping.wait()

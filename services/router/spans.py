@@ -48,6 +48,26 @@ _OFF = trace.NonRecordingSpan(trace.INVALID_SPAN_CONTEXT)
 ENABLED = False  # set by setup() when spans are exported
 
 
+class _Untraced:
+    """What every span helper returns while nothing is traced: one shared object, no
+    generator per use (they run several times per step)."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> trace.Span:
+        return _OFF
+
+    def __exit__(self, *exc) -> bool:
+        return False
+
+
+_NONE = _Untraced()
+
+
+def _off() -> bool:
+    return not ENABLED or bool(otel_context.get_value(otel_context._SUPPRESS_INSTRUMENTATION_KEY))
+
+
 def setup() -> bool:
     """Tracing for the router process (before its gRPC server and channels exist): gRPC
     in and out, and the Redis commands the store does not send as named scripts."""
@@ -88,13 +108,14 @@ def _is_cancel(exc: BaseException | None) -> bool:
     return isinstance(exc, (GeneratorExit, asyncio.CancelledError)) or getattr(exc, "code", "") == "CANCELLED"
 
 
-@contextlib.contextmanager
-def _span(name: str, attrs: dict | None = None, kind: SpanKind = SpanKind.INTERNAL) -> Iterator[trace.Span]:
+def _span(name: str, attrs: dict | None = None, kind: SpanKind = SpanKind.INTERNAL):
     """The one way a span is made here: current while the block runs; an exception
     marks it failed, except a caller that went away (cancelled), which is not an error."""
-    if not ENABLED or otel_context.get_value(otel_context._SUPPRESS_INSTRUMENTATION_KEY):
-        yield _OFF
-        return
+    return _NONE if _off() else _recorded(name, attrs, kind)
+
+
+@contextlib.contextmanager
+def _recorded(name: str, attrs: dict | None, kind: SpanKind) -> Iterator[trace.Span]:
     with _tracer.start_as_current_span(name, kind=kind, attributes=attrs, record_exception=False,
                                        set_status_on_exception=False) as span:
         try:
@@ -115,14 +136,15 @@ def _finite(attrs: dict, key: str, value: float | None) -> None:
 _ERROR_CODES = {"UNKNOWN", "DEADLINE_EXCEEDED", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS"}
 
 
-@contextlib.contextmanager
-def server_call(service: str, method: str, metadata) -> Iterator[trace.Span]:
+def server_call(service: str, method: str, metadata):
     """The server span of one call to the router, continuing the caller's trace (W3C
     traceparent in the metadata). Made here rather than by OpenTelemetry's gRPC server
     wrapper, which cannot wrap a handler that writes its stream with context.write."""
-    if not ENABLED:
-        yield _OFF
-        return
+    return _NONE if _off() else _server_call(service, method, metadata)
+
+
+@contextlib.contextmanager
+def _server_call(service: str, method: str, metadata) -> Iterator[trace.Span]:
     carrier = {k: v for k, v in metadata or () if isinstance(v, str)}
     attrs = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
     with _tracer.start_as_current_span(f"/{service}/{method}", context=propagate.extract(carrier), kind=SpanKind.SERVER,
@@ -138,24 +160,23 @@ def call_ended(span: trace.Span, code: str) -> None:
 
 
 # ---- the session ---------------------------------------------------------------------------------
-@contextlib.contextmanager
-def session(req: "ReasonRequest") -> Iterator[trace.Span]:
-    attrs: dict = {}
-    if ENABLED:
-        attrs = {"gen_ai.operation.name": "reason", "glimprouter.session.resumed_request": bool(req.session_id)}
-        if req.session_id:
-            attrs["gen_ai.conversation.id"] = attrs["glimprouter.session.id"] = req.session_id
-        r = req.routing
-        if r is not None:
-            attrs["glimprouter.request.policy"] = (r.policy or "")[:64]
-            if r.glimpse_mode is not None:
-                attrs["glimprouter.request.glimpse_mode"] = r.glimpse_mode.value
-        if telemetry.trace_content() and req.messages:
-            attrs["gen_ai.input.messages"] = json.dumps(
-                [{"role": m.role, "parts": [{"type": "text", "content": m.content}]} for m in req.messages]
-            )
-    with _span("session", attrs) as span:
-        yield span
+def session(req: "ReasonRequest"):
+    """The span of one Reason call, current while it runs."""
+    if _off():
+        return _NONE
+    attrs = {"gen_ai.operation.name": "reason", "glimprouter.session.resumed_request": bool(req.session_id)}
+    if req.session_id:
+        attrs["gen_ai.conversation.id"] = attrs["glimprouter.session.id"] = req.session_id
+    r = req.routing
+    if r is not None:
+        attrs["glimprouter.request.policy"] = (r.policy or "")[:64]
+        if r.glimpse_mode is not None:
+            attrs["glimprouter.request.glimpse_mode"] = r.glimpse_mode.value
+    if telemetry.trace_content() and req.messages:
+        attrs["gen_ai.input.messages"] = json.dumps(
+            [{"role": m.role, "parts": [{"type": "text", "content": m.content}]} for m in req.messages]
+        )
+    return _span("session", attrs)
 
 
 def started(span: trace.Span, ev: "Started") -> None:
@@ -221,6 +242,33 @@ def failed(span: trace.Span, code: str) -> None:
 
 
 # ---- worker calls of one step or answer --------------------------------------------------------------
+def worker_call(service: str, method: str):
+    """The client span of one call on a worker's Multiplex stream, a child of the current
+    span (the step's) but not made current: the caller reads the call's results in
+    between its own work. Its context travels with the call (mux.py)."""
+    return _NONE if _off() else _worker_call(service, method)
+
+
+@contextlib.contextmanager
+def _worker_call(service: str, method: str) -> Iterator[trace.Span]:
+    span = _tracer.start_span(f"/{service}/{method}", kind=SpanKind.CLIENT,
+                              attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": method})
+    try:
+        yield span
+    except BaseException as exc:
+        code = getattr(exc, "code", None)
+        name = code().name if callable(code) else "CANCELLED" if _is_cancel(exc) else "UNKNOWN"
+        span.set_attribute("rpc.grpc.status_code", name)
+        if not _is_cancel(exc) and name != "CANCELLED":
+            span.set_status(Status(StatusCode.ERROR, f"{name}: {exc}"[:500]))
+        raise
+    finally:
+        span.end()
+
+
+def context_of(span: trace.Span):
+    return trace.set_span_in_context(span)
+
 @dataclass
 class _Calls:
     endpoints: dict[str, str] = field(default_factory=dict)  # role -> endpoint of its last call
@@ -246,11 +294,12 @@ def note_retry() -> None:
         calls.retries += 1
 
 
+def _with_calls(name: str, attrs: dict | None):
+    return _NONE if _off() else _calls_span(name, attrs)
+
+
 @contextlib.contextmanager
-def _with_calls(name: str, attrs: dict) -> Iterator[trace.Span]:
-    if not ENABLED:
-        yield _OFF
-        return
+def _calls_span(name: str, attrs: dict | None) -> Iterator[trace.Span]:
     token = _CALLS.set(_Calls())
     try:
         with _span(name, attrs) as span:
@@ -261,14 +310,13 @@ def _with_calls(name: str, attrs: dict) -> Iterator[trace.Span]:
 
 
 # ---- steps ---------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def step(policy: "Policy", options: "SessionOptions", session_id: str, turn_: int, index: int) -> Iterator[trace.Span]:
+def step(policy: "Policy", options: "SessionOptions", session_id: str, turn_: int, index: int):
     """One step's span, current while the policy calls the workers and the step is stored;
     named for the decision once it is known (step_done)."""
-    attrs = {"glimprouter.session.id": session_id, "glimprouter.session.turn": turn_, "glimprouter.step.index": index,
-             "glimprouter.routing.policy": policy.name} if ENABLED else None
-    with _with_calls("step", attrs) as span:
-        yield span
+    if _off():
+        return _NONE
+    return _with_calls("step", {"glimprouter.session.id": session_id, "glimprouter.session.turn": turn_,
+                                "glimprouter.step.index": index, "glimprouter.routing.policy": policy.name})
 
 
 def restarted(span: trace.Span, attempt: int) -> None:
@@ -321,12 +369,12 @@ def step_done(span: trace.Span, policy: "Policy", options: "SessionOptions", rec
 
 
 # ---- the answer ----------------------------------------------------------------------------------
-@contextlib.contextmanager
-def answer(role: str, model: str, session_id: str) -> Iterator[trace.Span]:
-    attrs = {"gen_ai.operation.name": "text_completion", "gen_ai.request.model": model, "gen_ai.conversation.id": session_id,
-             "glimprouter.session.id": session_id, "glimprouter.answer.writer": role} if ENABLED else None
-    with _with_calls(f"answer {role}", attrs) as span:
-        yield span
+def answer(role: str, model: str, session_id: str):
+    if _off():
+        return _NONE
+    return _with_calls(f"answer {role}", {"gen_ai.operation.name": "text_completion", "gen_ai.request.model": model,
+                                          "gen_ai.conversation.id": session_id, "glimprouter.session.id": session_id,
+                                          "glimprouter.answer.writer": role})
 
 
 def first_chunk(span: trace.Span, seconds: float) -> None:
@@ -355,11 +403,11 @@ def answer_done(span: trace.Span, record: "Record") -> None:
 
 
 # ---- Redis -----------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def redis_script(name: str) -> Iterator[trace.Span]:
+def redis_script(name: str):
     """One store script call, in its caller's span (the call itself travels in a batch)."""
+    if _off():
+        return _NONE
     attrs = {"db.system": "redis", "db.operation": "EVALSHA", "db.statement": "EVALSHA ?",  # keys and values never
              "glimprouter.redis.script": name}
-    with _span(f"EVALSHA {name}", attrs, SpanKind.CLIENT) as span:
-        yield span
+    return _span(f"EVALSHA {name}", attrs, SpanKind.CLIENT)
 

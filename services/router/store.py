@@ -22,14 +22,16 @@ dropped while a router works on it (it renews while it holds the lease, and it
 can only write while it holds it), and expires between session_ttl and
 session_ttl + lease_ms after its last write.
 
-Script calls of concurrent sessions are sent together (`_Batch`): one round trip
-carries every step write and lease renewal that piled up in one turn of the event
-loop, which is what keeps the router's CPU per step flat as sessions are added.
+Script calls of concurrent sessions are sent together (`_Batch`): while one
+pipeline is in flight the next piles up, so under load one round trip carries
+many sessions' step writes and lease renewals, which is what keeps the router's
+CPU per step flat as sessions are added.
 """
 from __future__ import annotations
 
 import array
 import asyncio
+import math
 import os
 import sys
 import time
@@ -37,10 +39,12 @@ import uuid
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit, urlunsplit
 
+import hiredis
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from services.router import spans
+from services.router import metrics, spans
 from services.router.errors import FailedPrecondition, LeaseLost, LimitExceeded, SessionBusy, SessionCancelled
 from services.router.session import Record, SessionMeta
 
@@ -187,28 +191,32 @@ class _Script:
 
 
 class _Batch:
-    """Script calls from every session, sent together: a call waits for the current turn
-    of the event loop to end, then one pipeline carries all the calls made in it.
-    Each caller gets its own result (or error); a NOSCRIPT (Redis restarted, scripts
-    flushed) loads the script and sends that call again."""
+    """Script calls from every session, sent together: one pipeline at a time is in
+    flight, and the calls made while it is carry the next one. At low load a call
+    goes out at once; under load a round trip carries many steps' writes, so the
+    CPU per write falls as sessions are added. Each caller gets its own result (or
+    error); a NOSCRIPT (Redis restarted, scripts flushed) loads the script and
+    sends that call again."""
 
     def __init__(self, r: aioredis.Redis) -> None:
         self.r = r
         self.pending: list[tuple[_Script, list, list, asyncio.Future]] = []
+        self.sender: asyncio.Task | None = None
 
     async def call(self, script: _Script, keys: list, args: list):
         fut = asyncio.get_running_loop().create_future()
-        if not self.pending:
-            asyncio.get_running_loop().call_soon(self._flush)
         self.pending.append((script, keys, args, fut))
+        if self.sender is None or self.sender.done():
+            # Untraced: each caller has its own span (below); a task of its own, so a caller
+            # that is cancelled does not cancel the others' writes.
+            self.sender = asyncio.get_running_loop().create_task(self._send_all(), context=spans.untraced_context())
         with spans.redis_script(script.name):
             return await fut
 
-    def _flush(self) -> None:
-        batch, self.pending = self.pending, []
-        # Untraced: each caller has its own span (above); a task for the round trip, so a
-        # caller that is cancelled does not cancel the others' writes.
-        asyncio.get_running_loop().create_task(self._send(batch), context=spans.untraced_context())
+    async def _send_all(self) -> None:
+        while self.pending:
+            batch, self.pending = self.pending, []
+            await self._send(batch)
 
     async def _send(self, batch) -> None:
         try:
@@ -228,21 +236,42 @@ class _Batch:
                     fut.set_result(res)
 
     async def _execute(self, batch) -> list:
-        async with self.r.pipeline(transaction=False) as p:
-            for script, keys, args, _ in batch:
-                p.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
-            results = await p.execute(raise_on_error=False)
+        results = await self._round_trip([("EVALSHA", script.sha, len(keys), *keys, *args) for script, keys, args, _ in batch])
         missing = {script.sha: script for (script, *_), res in zip(batch, results) if isinstance(res, NoScriptError)}
         if missing:
-            for script in missing.values():
-                await self.r.script_load(script.source)
-            async with self.r.pipeline(transaction=False) as p:
-                for script, keys, args, _ in batch:
-                    if script.sha in missing:
-                        p.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
-                again = iter(await p.execute(raise_on_error=False))
+            await self._round_trip([("SCRIPT", "LOAD", script.source) for script in missing.values()])
+            again = iter(await self._round_trip([("EVALSHA", script.sha, len(keys), *keys, *args)
+                                                 for script, keys, args, _ in batch if script.sha in missing]))
             results = [next(again) if script.sha in missing else res for (script, *_), res in zip(batch, results)]
         return results
+
+    async def _round_trip(self, commands: list[tuple]) -> list:
+        """Commands in one write, their replies in order (an error reply as its exception).
+        Packed by hiredis (C) and read under one timeout for the whole batch: redis-py's
+        pipeline packs in Python and arms a timer per reply, which cost more than the
+        scripts' own work."""
+        pool = self.r.connection_pool
+        conn = await pool.get_connection()
+        try:
+            timeout = conn.socket_timeout
+            async with asyncio.timeout(timeout):
+                await conn.send_packed_command([hiredis.pack_command(c) for c in commands], check_health=False)
+                out = []
+                for _ in commands:
+                    try:
+                        out.append(await conn.read_response(timeout=math.inf))
+                    except ResponseError as exc:
+                        out.append(exc)
+            metrics.redis_round_trip(len(commands))
+            return out
+        except TimeoutError:  # asyncio's: Redis hangs (the same error redis-py's own timeouts give)
+            await conn.disconnect(nowait=True)
+            raise RedisTimeoutError(f"Redis did not answer within {conn.socket_timeout}s") from None
+        except BaseException:
+            await conn.disconnect(nowait=True)  # a half-read connection must not go back to the pool
+            raise
+        finally:
+            await pool.release(conn)
 
 
 class SessionStore:

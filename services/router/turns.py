@@ -41,7 +41,7 @@ class Turns:
         self.settings = settings
         self.pools = pools
         self.mode = prefix_mode(pools[Role.SMALL].info, pools[Role.LARGE].info)
-        self._tokens: dict[tuple[Role, str], list[int]] = {}  # constant texts ("<think>\n"), per model
+        self.constants: dict[tuple[Role, str], list[int]] = {}  # tokens of constant texts ("<think>\n"), per model
 
     def think(self, options: SessionOptions) -> tuple[bool, str, str]:
         """Whether the turn runs with <think> framing, and its delimiters."""
@@ -51,9 +51,9 @@ class Turns:
 
     async def _constant(self, role: Role, client: WorkerClient, text: str) -> list[int]:
         key = (role, text)
-        if key not in self._tokens:
-            self._tokens[key] = await client.tokenize(text)
-        return list(self._tokens[key])
+        if key not in self.constants:
+            self.constants[key] = await client.tokenize(text)
+        return list(self.constants[key])
 
     def check_prompt(self, ids: list[int], what: str) -> None:
         if len(ids) > self.settings.max_prompt_tokens:

@@ -18,6 +18,7 @@ stops decoding.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import hashlib
 import logging
@@ -32,6 +33,7 @@ from glimprouter.v1 import worker_pb2_grpc as pb_grpc
 from services.common.tls import ClientTLS, aio_channel
 from services.router import metrics, spans
 from services.router.errors import DeadlineExceeded, InvalidArgument, RouterError, WorkerFault, WorkersUnavailable
+from services.router.mux import MuxChannel
 from services.router.worker_client import WorkerClient
 from services.worker import protomap
 from services.worker.types import Chunk, ModelInfo
@@ -47,7 +49,7 @@ _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}
 
 # ---- endpoints and pools ------------------------------------------------------------------
 class Endpoint:
-    def __init__(self, address: str, max_message_bytes: int, tls: ClientTLS | None = None) -> None:
+    def __init__(self, address: str, max_message_bytes: int, tls: ClientTLS | None = None, coalesce_ms: int = 0) -> None:
         self.address = address
         opts = [
             ("grpc.max_receive_message_length", max_message_bytes),
@@ -57,52 +59,12 @@ class Endpoint:
             ("grpc.initial_reconnect_backoff_ms", 200),
             ("grpc.max_reconnect_backoff_ms", 2000),
         ]
-        # _TrackCalls only matters under OpenTelemetry's interceptor (see _cancel_with_caller);
-        # any interceptor makes grpc.aio run each call in an extra task, so none without it.
-        self.channel = aio_channel(address, tls or ClientTLS(), opts, interceptors=[_TrackCalls()] if spans.ENABLED else None)
+        self.channel = aio_channel(address, tls or ClientTLS(), opts)
         self.stub = pb_grpc.ModelWorkerStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
+        self.mux = MuxChannel(self.stub, address, coalesce_ms)  # every session's calls to this worker, on one stream
         self.healthy = False
         self.info: ModelInfo | None = None
-
-
-# The RPCs under way in one `_cancel_with_caller`, recorded by `_TrackCalls`.
-_LIVE_CALLS: contextvars.ContextVar[list | None] = contextvars.ContextVar("glimprouter_live_calls", default=None)
-
-
-class _TrackCalls(grpc.aio.UnaryUnaryClientInterceptor):
-    """The innermost interceptor of a worker channel: it sees the real RPC object."""
-
-    async def intercept_unary_unary(self, continuation, client_call_details, request):
-        call = await continuation(client_call_details, request)
-        live = _LIVE_CALLS.get()
-        if live is not None:
-            live.append(call)
-        return call
-
-
-async def _cancel_with_caller(make_call):
-    """Make and await a unary call; when the awaiting task is cancelled (client gone,
-    CancelSession, deadline), cancel the RPC so the worker stops decoding.
-
-    A bare grpc.aio call does that by itself, but not one wrapped by an interceptor
-    that awaits `call.code()` in the interceptors' own task, as OpenTelemetry's
-    client interceptor does once tracing is set up: the cancellation stops there and
-    the worker writes the whole step for nobody. `_TrackCalls` hands us the RPC
-    underneath, which we cancel ourselves."""
-    live: list = []
-    token = _LIVE_CALLS.set(live)
-    try:
-        call = make_call()  # the interceptors' task copies the context here: it sees `live`
-    finally:
-        _LIVE_CALLS.reset(token)
-    try:
-        return await call
-    except asyncio.CancelledError:
-        call.cancel()
-        for rpc in live:
-            rpc.cancel()
-        raise
 
 
 def _rendezvous(session_id: str, address: str) -> bytes:
@@ -120,11 +82,12 @@ class WorkerPool:
         max_message_bytes: int = 16 * 1024 * 1024,
         default_timeout_s: float = 600.0,
         tls: ClientTLS | None = None,
+        coalesce_ms: int = 0,
     ) -> None:
         if not addresses:
             raise ValueError(f"the {role} pool has no endpoints")
         self.role = role
-        self.endpoints = [Endpoint(a, max_message_bytes, tls) for a in addresses]
+        self.endpoints = [Endpoint(a, max_message_bytes, tls, coalesce_ms) for a in addresses]
         self.retries = retries
         self.health_interval_s = health_interval_s
         self.default_timeout_s = default_timeout_s
@@ -187,6 +150,7 @@ class WorkerPool:
     async def close(self) -> None:
         if self._health_task is not None:
             self._health_task.cancel()
+        await asyncio.gather(*(ep.mux.close() for ep in self.endpoints), return_exceptions=True)
         await asyncio.gather(*(ep.channel.close() for ep in self.endpoints), return_exceptions=True)
 
     # ---- choosing a replica ----------------------------------------------------------------
@@ -220,7 +184,7 @@ class WorkerPool:
             ep = self.pick(session_id, affinity, tried)
             t0 = time.perf_counter()
             try:
-                out = await _cancel_with_caller(lambda: getattr(ep.stub, method)(request, timeout=self._timeout()))
+                out = await ep.mux.call(method, request, self._timeout())
             except grpc.aio.AioRpcError as exc:
                 self._ended(ep, method, exc.code().name, t0)
                 self._raise_unless_retryable(ep, exc, method)
@@ -241,14 +205,13 @@ class WorkerPool:
             t0 = time.perf_counter()
             last = None
             try:
-                rpc = getattr(ep.stub, method)(request, timeout=self._timeout())
-                try:
-                    async for msg in rpc:
+                # A caller that stops reading (cancelled, gone) closes the call: the worker stops.
+                async with contextlib.aclosing(ep.mux.results(method, request, self._timeout())) as results:
+                    async for r in results:
+                        msg = r.step if r.HasField("step") else r.chunk
                         started = True
                         last = msg
                         yield msg
-                finally:
-                    rpc.cancel()  # a caller that stops reading (cancelled, gone) stops the worker; no-op when done
             except GeneratorExit:  # the caller stopped reading: it had what it needed
                 self._ended(ep, method, "OK", t0, _usage(last))
                 raise
@@ -331,10 +294,15 @@ class BoundWorker(WorkerClient):
             if c.HasField("chunk"):
                 yield reader.read(c.chunk)
             else:
-                yield protomap.decided_from_pb(c)
+                yield protomap.decided_from_pb(c, top=False)  # the loop reads the decision and entropy only
 
     async def generate(self, req):
-        return protomap.generation_from_pb(await self._call("Generate", protomap.generate_request_to_pb(req)))
+        final = None
+        async for chunk in self.generate_stream(req):
+            final = chunk.final or final
+        if final is None:
+            raise WorkerFault(f"the {self.pool.role} worker's generation ended without its final chunk")
+        return final
 
     async def generate_stream(self, req) -> AsyncIterator[Chunk]:
         reader = protomap.ChunkReader()

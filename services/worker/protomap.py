@@ -64,10 +64,12 @@ def glimpse_to_pb(g: Glimpse) -> pb.GlimpseResponse:
     )
 
 
-def glimpse_from_pb(g: pb.GlimpseResponse) -> Glimpse:
+def glimpse_from_pb(g: pb.GlimpseResponse, top: bool = True) -> Glimpse:
+    """`top=False`: without the top tokens (a caller that reads only the entropy skips their cost)."""
     return Glimpse(
         g.token_id, g.token_text, g.entropy_full, g.entropy_top_k,
-        [flat_from_pb(TokenLogprob, t) for t in g.top], flat_from_pb(Usage, g.usage), flat_from_pb(Timings, g.timings),
+        [flat_from_pb(TokenLogprob, t) for t in g.top] if top else [], flat_from_pb(Usage, g.usage),
+        flat_from_pb(Timings, g.timings),
     )
 
 
@@ -128,8 +130,8 @@ def decided_to_pb(d: Decided) -> pb.StepChunk:
     return pb.StepChunk(decision=enum_to_pb(d.decision, pb.StepDecision), entropy=d.entropy, glimpse=glimpse_to_pb(d.glimpse))
 
 
-def decided_from_pb(c: pb.StepChunk) -> Decided:
-    return Decided(enum_from_pb(Decision, pb.StepDecision, c.decision), c.entropy, glimpse_from_pb(c.glimpse))
+def decided_from_pb(c: pb.StepChunk, top: bool = True) -> Decided:
+    return Decided(enum_from_pb(Decision, pb.StepDecision, c.decision), c.entropy, glimpse_from_pb(c.glimpse, top))
 
 
 def step_to_pb(r: StepResult) -> pb.StepResponse:

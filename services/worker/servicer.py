@@ -12,6 +12,7 @@ import grpc
 from glimprouter.v1 import worker_pb2 as pb
 from glimprouter.v1 import worker_pb2_grpc as pb_grpc
 from services.worker import observe, protomap, validation as v
+from services.worker.mux import Multiplexer
 from services.worker.engine import CancelToken, Engine, EngineError
 from services.worker.types import Decided, Gate, GenerateRequest
 
@@ -151,3 +152,7 @@ class WorkerServicer(pb_grpc.ModelWorkerServicer):
             finally:
                 cancel.cancel()
                 await stream.aclose()
+
+    async def Multiplex(self, request_iterator, context) -> None:
+        # Each call runs through the method of the same name above (services/worker/mux.py).
+        await Multiplexer(self, request_iterator, context).serve()

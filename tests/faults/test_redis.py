@@ -49,7 +49,7 @@ def test_redis_killed_and_restarted(env, faults):
     seen: dict[int, list[int]] = {}
     sid = ""
     with pytest.raises(grpc.RpcError) as err:
-        for ev in call:
+        for ev in (ev for batch in call for ev in batch.events):
             if ev.HasField("started"):
                 sid = ev.started.session_id
             if ev.HasField("step"):

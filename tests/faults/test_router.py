@@ -96,9 +96,9 @@ def test_router_sigterm_turns_not_serving_finishes_the_step_and_hands_the_sessio
 
     def read() -> None:
         try:
-            for ev in stub_a.ReasonStream(pb.ReasonRequest(prompt="Take your time.", answer_by=pb.ANSWER_BY_NONE),
-                                          timeout=60):
-                events.append(ev)
+            for batch in stub_a.ReasonStream(pb.ReasonRequest(prompt="Take your time.", answer_by=pb.ANSWER_BY_NONE),
+                                             timeout=60):
+                events.extend(batch.events)
         except grpc.RpcError as exc:
             error["rpc"] = exc
 

@@ -39,7 +39,7 @@ class Streamer(threading.Thread):
 
     def run(self) -> None:
         try:
-            for ev in self.stub.ReasonStream(self.request, timeout=self.timeout):
+            for ev in (ev for batch in self.stub.ReasonStream(self.request, timeout=self.timeout) for ev in batch.events):
                 self.events.append(ev)
                 if ev.HasField("started"):
                     self.session_id = ev.started.session_id
@@ -199,7 +199,7 @@ def test_deadline_is_honoured_end_to_end_and_the_worker_stops(slow, faults):
 def test_grpc_cancel_stops_the_work_on_the_worker(slow, faults):
     before = _cancelled(faults, slow.small)
     call = slow.stub.ReasonStream(pb.ReasonRequest(prompt="Cancel me."), timeout=30)
-    sid = next(iter(call)).started.session_id  # the small worker is now writing step 0
+    sid = next(iter(call)).events[0].started.session_id  # the small worker is now writing step 0
     time.sleep(0.3)
     call.cancel()
     assert _wait_cancelled(faults, slow.small, before) < 15

@@ -51,6 +51,11 @@ class FakeRouter(router_pb2_grpc.RouterServicer):
         self.ended = threading.Event()  # a "slow" call ended (cancelled or deadline)
 
     def ReasonStream(self, request, context):
+        # Each event in a message of its own, as a router that is never behind sends them.
+        for ev in self._events(request, context):
+            yield pb.ReasonEvents(events=[ev])
+
+    def _events(self, request, context):
         self.requests.append(request)
         prompt = request.messages[-1].content if request.messages else ""
         if request.session_id == "missing":

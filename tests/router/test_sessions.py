@@ -145,7 +145,7 @@ class Streamer(threading.Thread):
 
     def run(self) -> None:
         try:
-            for ev in self.router.stub.ReasonStream(self.request, timeout=60):
+            for ev in (ev for batch in self.router.stub.ReasonStream(self.request, timeout=60) for ev in batch.events):
                 self.events.append(ev)
                 if ev.HasField("started"):
                     self.session_id = ev.started.session_id
@@ -207,7 +207,8 @@ def test_a_killed_router_is_resumed_by_another_without_losing_or_repeating_steps
     deadline = time.monotonic() + 20
     while True:
         try:
-            events = list(b.stub.ReasonStream(pb.ReasonRequest(session_id=sid, include_token_ids=True), timeout=60))
+            events = [ev for batch in b.stub.ReasonStream(pb.ReasonRequest(session_id=sid, include_token_ids=True), timeout=60)
+                      for ev in batch.events]
             break
         except grpc.RpcError as exc:
             assert exc.code() == grpc.StatusCode.ABORTED and "router victim" in exc.details()
@@ -269,7 +270,7 @@ def test_client_deadline_leaves_a_resumable_session(two_routers):
     call = a.stub.ReasonStream(pb.ReasonRequest(prompt="Resume me."), timeout=0.9)
     sid, seen = "", 0
     with pytest.raises(grpc.RpcError) as err:
-        for ev in call:
+        for ev in (ev for batch in call for ev in batch.events):
             if ev.HasField("started"):
                 sid = ev.started.session_id
             seen += ev.HasField("step")

@@ -304,6 +304,12 @@ class ReasonEvent(_message.Message):
     step_delta: StepDelta
     def __init__(self, started: _Optional[_Union[SessionStarted, _Mapping]] = ..., step: _Optional[_Union[StepEvent, _Mapping]] = ..., answer: _Optional[_Union[AnswerDelta, _Mapping]] = ..., done: _Optional[_Union[Done, _Mapping]] = ..., step_start: _Optional[_Union[StepStart, _Mapping]] = ..., step_delta: _Optional[_Union[StepDelta, _Mapping]] = ...) -> None: ...
 
+class ReasonEvents(_message.Message):
+    __slots__ = ("events",)
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[ReasonEvent]
+    def __init__(self, events: _Optional[_Iterable[_Union[ReasonEvent, _Mapping]]] = ...) -> None: ...
+
 class ReasonResponse(_message.Message):
     __slots__ = ("session_id", "turn", "prefix_mode", "steps", "answer", "stats")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]

@@ -42,7 +42,7 @@ class RouterStub:
         self.ReasonStream = channel.unary_stream(
                 '/glimprouter.v1.Router/ReasonStream',
                 request_serializer=glimprouter_dot_v1_dot_router__pb2.ReasonRequest.SerializeToString,
-                response_deserializer=glimprouter_dot_v1_dot_router__pb2.ReasonEvent.FromString,
+                response_deserializer=glimprouter_dot_v1_dot_router__pb2.ReasonEvents.FromString,
                 _registered_method=True)
         self.GetSession = channel.unary_unary(
                 '/glimprouter.v1.Router/GetSession',
@@ -69,7 +69,7 @@ class RouterServicer:
     def ReasonStream(self, request, context):
         """The same, as events: started; per step its start (the decision), the text
         as it is written (deltas) and the finished step as stored; answer deltas;
-        done.
+        done. Each message carries the events that piled up since the previous one.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -100,7 +100,7 @@ def add_RouterServicer_to_server(servicer, server):
             'ReasonStream': grpc.unary_stream_rpc_method_handler(
                     servicer.ReasonStream,
                     request_deserializer=glimprouter_dot_v1_dot_router__pb2.ReasonRequest.FromString,
-                    response_serializer=glimprouter_dot_v1_dot_router__pb2.ReasonEvent.SerializeToString,
+                    response_serializer=glimprouter_dot_v1_dot_router__pb2.ReasonEvents.SerializeToString,
             ),
             'GetSession': grpc.unary_unary_rpc_method_handler(
                     servicer.GetSession,
@@ -166,7 +166,7 @@ class Router:
             target,
             '/glimprouter.v1.Router/ReasonStream',
             glimprouter_dot_v1_dot_router__pb2.ReasonRequest.SerializeToString,
-            glimprouter_dot_v1_dot_router__pb2.ReasonEvent.FromString,
+            glimprouter_dot_v1_dot_router__pb2.ReasonEvents.FromString,
             options,
             channel_credentials,
             insecure,

@@ -301,3 +301,67 @@ class GenerateChunk(_message.Message):
     timings: Timings
     matched_stop: str
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., entropies: _Optional[_Iterable[float]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., matched_stop: _Optional[str] = ...) -> None: ...
+
+class MuxCall(_message.Message):
+    __slots__ = ("id", "render_prompt", "tokenize", "glimpse", "step", "generate", "cancel", "timeout_ms", "traceparent", "coalesce_ms")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    RENDER_PROMPT_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZE_FIELD_NUMBER: _ClassVar[int]
+    GLIMPSE_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    GENERATE_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
+    COALESCE_MS_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    render_prompt: RenderPromptRequest
+    tokenize: TokenizeRequest
+    glimpse: GlimpseRequest
+    step: StepRequest
+    generate: GenerateRequest
+    cancel: bool
+    timeout_ms: int
+    traceparent: str
+    coalesce_ms: int
+    def __init__(self, id: _Optional[int] = ..., render_prompt: _Optional[_Union[RenderPromptRequest, _Mapping]] = ..., tokenize: _Optional[_Union[TokenizeRequest, _Mapping]] = ..., glimpse: _Optional[_Union[GlimpseRequest, _Mapping]] = ..., step: _Optional[_Union[StepRequest, _Mapping]] = ..., generate: _Optional[_Union[GenerateRequest, _Mapping]] = ..., cancel: _Optional[bool] = ..., timeout_ms: _Optional[int] = ..., traceparent: _Optional[str] = ..., coalesce_ms: _Optional[int] = ...) -> None: ...
+
+class MuxRequest(_message.Message):
+    __slots__ = ("calls",)
+    CALLS_FIELD_NUMBER: _ClassVar[int]
+    calls: _containers.RepeatedCompositeFieldContainer[MuxCall]
+    def __init__(self, calls: _Optional[_Iterable[_Union[MuxCall, _Mapping]]] = ...) -> None: ...
+
+class MuxStatus(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: str
+    message: str
+    def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+
+class MuxResult(_message.Message):
+    __slots__ = ("id", "render_prompt", "tokenize", "glimpse", "step", "chunk", "error", "last")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    RENDER_PROMPT_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZE_FIELD_NUMBER: _ClassVar[int]
+    GLIMPSE_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    render_prompt: RenderPromptResponse
+    tokenize: TokenizeResponse
+    glimpse: GlimpseResponse
+    step: StepChunk
+    chunk: GenerateChunk
+    error: MuxStatus
+    last: bool
+    def __init__(self, id: _Optional[int] = ..., render_prompt: _Optional[_Union[RenderPromptResponse, _Mapping]] = ..., tokenize: _Optional[_Union[TokenizeResponse, _Mapping]] = ..., glimpse: _Optional[_Union[GlimpseResponse, _Mapping]] = ..., step: _Optional[_Union[StepChunk, _Mapping]] = ..., chunk: _Optional[_Union[GenerateChunk, _Mapping]] = ..., error: _Optional[_Union[MuxStatus, _Mapping]] = ..., last: _Optional[bool] = ...) -> None: ...
+
+class MuxReply(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[MuxResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[MuxResult, _Mapping]]] = ...) -> None: ...

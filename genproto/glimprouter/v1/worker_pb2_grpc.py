@@ -74,6 +74,11 @@ class ModelWorkerStub:
                 request_serializer=glimprouter_dot_v1_dot_worker__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=glimprouter_dot_v1_dot_worker__pb2.GenerateChunk.FromString,
                 _registered_method=True)
+        self.Multiplex = channel.stream_stream(
+                '/glimprouter.v1.ModelWorker/Multiplex',
+                request_serializer=glimprouter_dot_v1_dot_worker__pb2.MuxRequest.SerializeToString,
+                response_deserializer=glimprouter_dot_v1_dot_worker__pb2.MuxReply.FromString,
+                _registered_method=True)
 
 
 class ModelWorkerServicer:
@@ -141,6 +146,18 @@ class ModelWorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Multiplex(self, request_iterator, context):
+        """Many calls over one long-lived stream, for routers. A call's start and end
+        cost a gRPC client more CPU than a router spends on a step, and so does each
+        streamed message; so a router keeps one Multiplex stream per worker, and
+        every message on it carries all the calls (or results) that piled up since
+        the previous one, with the chunks of one call that piled up merged into one.
+        The calls mean what the RPCs of the same names mean.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelWorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -183,6 +200,11 @@ def add_ModelWorkerServicer_to_server(servicer, server):
                     servicer.GenerateStream,
                     request_deserializer=glimprouter_dot_v1_dot_worker__pb2.GenerateRequest.FromString,
                     response_serializer=glimprouter_dot_v1_dot_worker__pb2.GenerateChunk.SerializeToString,
+            ),
+            'Multiplex': grpc.stream_stream_rpc_method_handler(
+                    servicer.Multiplex,
+                    request_deserializer=glimprouter_dot_v1_dot_worker__pb2.MuxRequest.FromString,
+                    response_serializer=glimprouter_dot_v1_dot_worker__pb2.MuxReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -401,6 +423,33 @@ class ModelWorker:
             '/glimprouter.v1.ModelWorker/GenerateStream',
             glimprouter_dot_v1_dot_worker__pb2.GenerateRequest.SerializeToString,
             glimprouter_dot_v1_dot_worker__pb2.GenerateChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Multiplex(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/glimprouter.v1.ModelWorker/Multiplex',
+            glimprouter_dot_v1_dot_worker__pb2.MuxRequest.SerializeToString,
+            glimprouter_dot_v1_dot_worker__pb2.MuxReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -36,10 +36,11 @@ class ReasonCall:
         self.call = call
 
     async def __aiter__(self) -> AsyncIterator[Event]:
-        async for raw in self.call:
-            ev = protomap.event_from_pb(raw)
-            if ev is not None:  # an event kind newer than this client: skipped
-                yield ev
+        async for batch in self.call:  # the events that piled up at the router since its last message
+            for raw in batch.events:
+                ev = protomap.event_from_pb(raw)
+                if ev is not None:  # an event kind newer than this client: skipped
+                    yield ev
 
     def cancel(self) -> None:
         self.call.cancel()
