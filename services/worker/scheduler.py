@@ -140,6 +140,7 @@ class Scheduler(Engine):
         self.prefill_chunk = max(1, min(prefill_chunk, model.n_batch))
         self.snapshots = SnapshotCache(kv_cache_bytes)
         self.stats = Stats()
+        self._metrics = observe.SchedulerMetrics(model.model_id)
         self._slots = [Slot(i) for i in range(model.n_seq)]
         self._pieces: dict[int, str] = {}
         self._lock = threading.Lock()
@@ -293,9 +294,11 @@ class Scheduler(Engine):
         if not len(batch):
             return
         logits = self.model.decode(batch)
+        sequences = len(set(batch.seqs))
         self.stats.batches += 1
         self.stats.evaluated_tokens += len(batch)
-        self.stats.max_batch_sequences = max(self.stats.max_batch_sequences, len(set(batch.seqs)))
+        self.stats.max_batch_sequences = max(self.stats.max_batch_sequences, sequences)
+        self._metrics.batch(sequences, len(batch), len(self._waiting), self.snapshots.bytes)
         for job, row in zip(rows_for, logits):
             self._on_logits(job, row)
 
