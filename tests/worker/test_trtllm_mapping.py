@@ -15,7 +15,8 @@ import pytest
 
 from services.worker.backends import trtllm_limits as lim
 from services.worker.backends import trtllm_mapping as m
-from services.worker.logits_engine import TokenModel
+from services.worker.batch import BatchModel
+from services.worker.scheduler import Scheduler
 from services.worker.stepcut import StepCutter
 from services.worker.types import ChatMessage, FinishReason, SamplingParams, Timings, Usage
 
@@ -113,17 +114,37 @@ def test_hf_vocab_bytes_added_tokens_and_padded_rows():
     assert out[-3:] == [b"", b"", b""]  # embedding rows past the tokenizer
 
 
-def test_fingerprint_matches_token_model_scheme():
-    class Fake(TokenModel):
-        vocab_size, eos_token_ids, bos_token_id = len(VOCAB), (0, 7), -1
+class FingerprintOnly(BatchModel):
+    """A logits-level backend over VOCAB that is never asked to evaluate anything."""
 
-        def token_bytes(self, token_id):
-            return VOCAB[token_id]
+    model_id, backend, context_length, n_seq, n_batch = "fake", "fake", 64, 1, 8
+    vocab_size, eos_token_ids, bos_token_id = len(VOCAB), (0, 7), -1
 
-        prefill = decode = tokenize = chat_template_text = None
+    def token_bytes(self, token_id):
+        return VOCAB[token_id]
 
-    Fake.__abstractmethods__ = frozenset()
-    assert m.tokenizer_fingerprint(VOCAB, (7, 0), -1) == Fake().tokenizer_fingerprint()
+    def tokenize(self, text, add_bos):
+        return []
+
+    def chat_template_text(self, messages, add_generation_prompt):
+        return None
+
+    def decode(self, *args):
+        raise AssertionError("nothing is evaluated, cut, saved or loaded")
+
+    keep = save = load = decode
+
+
+async def test_fingerprint_matches_the_scheduler_backends():
+    """Workers on the same tokenizer must advertise the same fingerprint whichever backend
+    serves them: TRT's equals what the scheduler (llama.cpp, sim) puts in its ModelInfo,
+    and the order of the EOS ids does not matter."""
+    engine = Scheduler(FingerprintOnly())
+    try:
+        advertised = engine.info.tokenizer_fingerprint
+    finally:
+        await engine.close()
+    assert m.tokenizer_fingerprint(VOCAB, (7, 0), -1) == advertised == FingerprintOnly().tokenizer_fingerprint()
     assert m.tokenizer_fingerprint(VOCAB, (0,), -1) != m.tokenizer_fingerprint(VOCAB, (0, 7), -1)
 
 
