@@ -18,7 +18,8 @@ from services.worker.backends import trtllm_mapping as m
 from services.worker.batch import BatchModel
 from services.worker.scheduler import Scheduler
 from services.worker.stepcut import StepCutter
-from services.worker.types import ChatMessage, FinishReason, SamplingParams, Timings, Usage
+from services.worker.types import (ChatMessage, Decision, EntropyMethod, FinishReason, Gate, Generation, Glimpse,
+                                  SamplingParams, Timings, Usage)
 
 
 @dataclass
@@ -295,6 +296,47 @@ def test_sampled_token_and_entropies():
     assert m.entropies(None, 0, 3, 3, 2) == []
 
 
+# ---- a Step -------------------------------------------------------------------------
+
+
+def glimpse_with(entropy_top_k, entropy_full=-1.0, usage=None, timings=None):
+    return Glimpse(3, ".", entropy_full, entropy_top_k, [], usage or Usage(), timings or Timings())
+
+
+def test_decide_escalates_at_or_above_the_threshold_by_the_gates_method():
+    g = glimpse_with(1.0, entropy_full=2.5)
+    assert m.decide(g, Gate(EntropyMethod.TOP_K, 1.5)).decision is Decision.KEEP
+    assert m.decide(g, Gate(EntropyMethod.TOP_K, 1.0)).decision is Decision.ESCALATE  # at: escalates
+    d = m.decide(g, Gate(EntropyMethod.FULL, 2.0))
+    assert (d.decision, d.entropy, d.glimpse) == (Decision.ESCALATE, 2.5, g)
+    assert m.decide(g, Gate()).decision is Decision.KEEP  # the default threshold keeps everything
+    lim.check_gate(EntropyMethod.TOP_K, False)
+    lim.check_gate(EntropyMethod.FULL, True)
+    with pytest.raises(ValueError, match="--trtllm-exact-entropy"):
+        lim.check_gate(EntropyMethod.FULL, False)
+
+
+def test_a_kept_step_starts_from_the_sampled_token_the_argmax_or_nothing():
+    assert m.step_first_tokens(True, False, 2, [7], "length", 0) == [7]  # sampled in the glimpse request
+    assert m.step_first_tokens(True, True, 2, [2], "length", 0) == [2]
+    assert m.step_first_tokens(True, False, 2, [], "stop", 0) == [0]  # ended on the end id, unreported
+    assert m.step_first_tokens(False, True, 2, [9], "length", 0) == [2]  # greedy: the glimpse's argmax
+    assert m.step_first_tokens(False, False, 2, [9], "length", 0) == []  # regenerated from the boundary
+    with pytest.raises(ValueError):
+        m.step_first_tokens(True, False, 2, [], "length", 0)
+
+
+def test_step_generation_takes_the_glimpses_usage_and_queue():
+    g = glimpse_with(0.5, usage=Usage(10, 6, 4, 0), timings=Timings(3.0, 5.0, 0.0, 8.0))
+    gen = Generation([1, 2], "ab", FinishReason.STEP_END, Usage(11, 11, 0, 2), Timings(2.0, 20.0, 7.0, 30.0))
+    out = m.step_generation(g, gen)
+    assert out.usage == Usage(10, 6, 4, 2)
+    assert out.timings == Timings(5.0, 17.0, 7.0, 30.0)
+    assert (out.token_ids, out.text, out.finish_reason) == ([1, 2], "ab", FinishReason.STEP_END)
+    assert gen.usage == Usage(11, 11, 0, 2) and gen.timings.queue_ms == 2.0  # a new Generation
+    assert m.step_generation(glimpse_with(0.5, timings=Timings(50.0)), gen).timings.prefill_ms == 0.0
+
+
 def test_usage_clips_cached_tokens():
     assert m.usage(10, 4, 3) == Usage(10, 4, 6, 3)
     assert m.usage(10, None, 0) == Usage(10, 0, 10, 0)
@@ -484,6 +526,16 @@ def test_queue_time_from_perf_metrics():
     assert m.queue_ms(perf(100.0, 100.0125)) == pytest.approx(12.5)
     assert m.queue_ms(perf(100.0, 0.0)) == 0.0  # not scheduled yet
     assert m.queue_ms(None) == 0.0 and m.queue_ms(types.SimpleNamespace(timing_metrics=None)) == 0.0
+
+
+def test_describe_names_the_limits_and_their_defaults():
+    args = lim.llm_kwargs("/m", kv_cache_config=kv(), max_batch_size=64, tensor_parallel_size=2)
+    text = lim.describe(args, 40960, True)
+    assert text == ("context=40960 chunked_prefill=on max_num_tokens=8192(default) max_batch_size=64 "
+                    "exact_entropy=on tensor_parallel=2")
+    args = lim.llm_kwargs("/m", kv_cache_config=kv(), chunked_prefill=False, max_num_tokens=4096)
+    assert lim.describe(args, 4097, False) == ("context=4097 chunked_prefill=off max_num_tokens=4096 "
+                                               "max_batch_size=2048(default) exact_entropy=off tensor_parallel=1")
 
 
 def test_exact_entropy_buffer_estimate():
