@@ -31,7 +31,7 @@ from services.worker.backends import trtllm_mapping as m
 from services.worker.backends.trtllm import TrtLlmEngine
 from services.worker.engine import CancelToken, EngineError
 from services.worker.types import (ChatMessage, Chunk, Decided, Decision, EntropyMethod, FinishReason, Gate,
-                                  GenerateRequest, SamplingParams, StopParams)
+                                  GenerateRequest, SamplingParams, StopParams, Usage)
 
 PIECES = ["<|endoftext|>", "Hello", "Ġworld", ".", "ĊĊ", ".ĊĊ", "Ċ", "Wait", "Ġis", "Ġ", "<think>", "</think>"]
 ADDED = {0, 10, 11}
@@ -412,6 +412,86 @@ async def test_cancel_and_closing_the_stream_abort_the_request(make_engine):
     assert llm.requests[1].aborted
 
 
+# ---- the streamed Step ----------------------------------------------------------------
+
+
+async def test_step_streams_the_decision_first_then_the_chunks(make_engine):
+    engine, llm = await make_engine({1: 2, 2: 8, 8: 7, 7: 3, 3: 6, 6: 6})
+    stream = engine.step(request([1], top_k=5), Gate(EntropyMethod.TOP_K, 5.0), CancelToken())
+    head = await stream.__anext__()
+    assert isinstance(head, Decided) and head.decision is Decision.KEEP
+    assert head.entropy == pytest.approx(topk_entropy(raw_logprobs(llm, [1]), 5)) and head.glimpse.token_id == 2
+    assert len(llm.requests) == 1  # decided on the one-token request, before the step is written
+    chunks = [c async for c in stream]
+    assert all(isinstance(c, Chunk) for c in chunks) and [c.final is not None for c in chunks].count(True) == 1
+    final = chunks[-1].final
+    assert chunks[0].token_ids == [head.glimpse.token_id]  # the step starts with the glimpsed token
+    assert sum((c.token_ids for c in chunks), []) == final.token_ids == [2, 8, 7, 3, 6, 6]
+    assert "".join(c.text for c in chunks) == final.text == engine.token_text(final.token_ids)
+    assert final.finish_reason is FinishReason.STEP_END and final.usage == Usage(1, 0, 1, 6)
+    unary = await engine.step_full(request([1], top_k=5), Gate(EntropyMethod.TOP_K, 5.0), CancelToken())
+    assert (unary.decision, unary.generation.token_ids, unary.generation.text) == (
+        Decision.KEEP, final.token_ids, final.text)
+
+
+async def test_sampled_step_streams_from_the_token_its_first_request_drew(make_engine):
+    engine, llm = await make_engine({1: 2, 2: 5})
+    sampling = SamplingParams(temperature=0.7, seed=3, max_tokens=16)
+    stream = engine.step(request([1], sampling, top_k=5), Gate(EntropyMethod.TOP_K, 5.0), CancelToken())
+    items = [x async for x in stream]
+    drawn, final = llm.requests[0].outputs[0].token_ids[0], items[-1].final
+    assert isinstance(items[0], Decided) and items[1].token_ids == [drawn]
+    assert sum((c.token_ids for c in items[1:]), []) == final.token_ids and final.token_ids[0] == drawn
+
+
+async def test_escalated_step_streams_only_the_decision(make_engine):
+    engine, llm = await make_engine({1: 2})
+    llm.flat = {1}
+    items = [x async for x in engine.step(request([1], top_k=20), Gate(EntropyMethod.TOP_K, 1.0), CancelToken())]
+    assert len(items) == 1 and isinstance(items[0], Decided) and items[0].decision is Decision.ESCALATE
+    assert items[0].entropy == pytest.approx(math.log(V)) and len(llm.requests) == 1  # nothing written
+    with pytest.raises(EngineError, match="exact-entropy"):  # refused before any request
+        await engine.step(request([1]), Gate(EntropyMethod.FULL, 1.0), CancelToken()).__anext__()
+    assert len(llm.requests) == 1
+
+
+async def test_cancelling_mid_step_stops_it(make_engine):
+    engine, llm = await make_engine({1: 2, 2: 8, 8: 2})  # never reaches a boundary
+    llm.token_delay = 0.002
+    cancel = CancelToken()
+    items = []
+    async for x in engine.step(request([1], SamplingParams(max_tokens=5000)), Gate(), cancel):
+        items.append(x)
+        if len(items) == 4:  # the decision and three chunks
+            cancel.cancel()
+    final = items[-1].final
+    assert isinstance(items[0], Decided) and final.finish_reason is FinishReason.CANCELLED
+    assert len(final.token_ids) < 100 and llm.requests[1].aborted
+    assert sum((c.token_ids for c in items[1:]), []) == final.token_ids
+
+
+async def test_closing_a_step_stream_aborts_its_request(make_engine):
+    engine, llm = await make_engine({1: 2, 2: 8, 8: 2})
+    llm.token_delay = 0.002
+    stream = engine.step(request([1], SamplingParams(max_tokens=5000)), Gate(), CancelToken())
+    assert isinstance(await stream.__anext__(), Decided)
+    await stream.__anext__()  # the first token's chunk
+    await stream.__anext__()  # the continuation is streaming
+    await stream.aclose()
+    assert len(llm.requests) == 2 and llm.requests[1].aborted
+    stream = engine.step(request([1], SamplingParams(max_tokens=5000)), Gate(), CancelToken())
+    await stream.__anext__()
+    await stream.aclose()  # gone after the decision: the step is never written
+    assert len(llm.requests) == 3
+
+
+async def test_describe_says_what_the_engine_runs_with(make_engine):
+    engine, llm = await make_engine(exact_entropy=True, max_seq_len=4096, max_batch_size=128)
+    assert engine.describe() == lim.describe(llm.kwargs, 4096, True)
+    assert "context=4096 chunked_prefill=on" in engine.describe() and "max_batch_size=128" in engine.describe()
+    assert "exact_entropy=on" in engine.describe()
+
+
 async def test_render_prompt_without_template(make_engine):
     engine, _ = await make_engine()
     ids, text = engine.render_prompt([ChatMessage("user", "Hello world."), ChatMessage("assistant", "Wait")],
@@ -618,6 +698,10 @@ async def test_gpu_step_keep_and_escalate(gpu_engine):
     assert r.generation.token_ids[0] in {t.token_id for t in g.top}  # drawn from the glimpsed distribution
     if gen.finish_reason is FinishReason.STEP_END:  # cut at the token that completed "\n\n"
         assert "\n\n" in gen.text and "\n\n" not in e.token_text(gen.token_ids[:-1]).lstrip()
+    items = [x async for x in e.step(request(prompt, session="t", top_k=20), Gate(EntropyMethod.TOP_K, 1e9),
+                                     CancelToken())]
+    assert isinstance(items[0], Decided) and items[1].token_ids[:1] == [items[0].glimpse.token_id]
+    assert sum((c.token_ids for c in items[1:]), []) == items[-1].final.token_ids
 
 
 @pytest.mark.trtllm
