@@ -24,7 +24,7 @@ def _usage_and_timings(response) -> tuple[pb.Usage | None, pb.Timings | None]:
     if isinstance(response, pb.StepResponse):
         src = response.generation if response.HasField("generation") else response.glimpse
         return src.usage, src.timings
-    if isinstance(response, (pb.GlimpseResponse, pb.GenerateResponse, pb.GenerateChunk)):
+    if isinstance(response, (pb.GlimpseResponse, pb.GenerateResponse, pb.GenerateChunk, pb.ExtendResponse)):
         return response.usage, response.timings
     return None, None
 

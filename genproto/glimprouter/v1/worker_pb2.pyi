@@ -238,6 +238,22 @@ class StepResponse(_message.Message):
     generation: GenerateResponse
     def __init__(self, decision: _Optional[_Union[StepDecision, str]] = ..., entropy: _Optional[float] = ..., glimpse: _Optional[_Union[GlimpseResponse, _Mapping]] = ..., generation: _Optional[_Union[GenerateResponse, _Mapping]] = ...) -> None: ...
 
+class ExtendRequest(_message.Message):
+    __slots__ = ("prompt", "session_id")
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    prompt: Prompt
+    session_id: str
+    def __init__(self, prompt: _Optional[_Union[Prompt, _Mapping]] = ..., session_id: _Optional[str] = ...) -> None: ...
+
+class ExtendResponse(_message.Message):
+    __slots__ = ("usage", "timings")
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    usage: Usage
+    timings: Timings
+    def __init__(self, usage: _Optional[_Union[Usage, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ...) -> None: ...
+
 class StepChunk(_message.Message):
     __slots__ = ("decision", "entropy", "glimpse", "chunk")
     DECISION_FIELD_NUMBER: _ClassVar[int]
