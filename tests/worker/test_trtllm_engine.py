@@ -714,3 +714,13 @@ async def test_gpu_streaming_equals_unary(gpu_engine):
     assert "".join(c.text for c in chunks) == final.text
     unary = await e.generate_full(whole, CancelToken())
     assert unary.token_ids == final.token_ids and unary.usage.cached_tokens >= 0
+
+
+async def test_extend_prefills_the_prefix_so_the_next_call_finds_it_cached(make_engine):
+    engine, llm = await make_engine({1: 2, 2: 5})
+    before = len(llm.history)
+    ext = await engine.extend([1, 2, 8, 7], "s", CancelToken())
+    assert len(llm.history) == before + 1 and llm.requests[-1].p.max_tokens == 1  # one throwaway token
+    assert ext.usage.prompt_tokens == 4 and ext.usage.generated_tokens == 0
+    gen = await engine.generate_full(request([1, 2, 8, 7, 3]), CancelToken())
+    assert gen.usage.cached_tokens == 4  # the block cache kept what Extend prefilled

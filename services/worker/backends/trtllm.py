@@ -25,7 +25,7 @@ from services.worker.backends import trtllm_limits as lim
 from services.worker.backends import trtllm_mapping as m
 from services.worker.engine import CancelToken, Engine, EngineError
 from services.worker.stepcut import StepCutter
-from services.worker.types import (ChatMessage, Chunk, Decided, Decision, FinishReason, Gate, GenerateRequest,
+from services.worker.types import (ChatMessage, Chunk, Decided, Decision, Extension, FinishReason, Gate, GenerateRequest,
                                   Generation, Glimpse, ModelInfo, SamplingParams, StopParams, Timings)
 
 log = logging.getLogger(__name__)
@@ -276,6 +276,19 @@ class TrtLlmEngine(Engine):
             return m.glimpse_from_logprobs((seq.logprobs or [{}])[-1], top_k, self._text, usage, timings)
         except ValueError as exc:
             raise EngineError(str(exc)) from exc
+
+    async def extend(self, prompt: list[int], session_id: str, cancel: CancelToken) -> Extension:
+        """Catch-up prefill: a one-token request for the prefix, whose output is thrown
+        away. TRT's KV block reuse keeps the prefix's blocks, so the session's next
+        real call finds them cached (enable_block_reuse; blocks are shared by content,
+        not by session, and may be evicted under memory pressure like any cached block)."""
+        started = time.perf_counter()
+        params = self._params(self._sampling_kwargs(None, max_tokens=1, ignore_eos=True))
+        out = await self._one_token(prompt, params, cancel)
+        usage = m.usage(len(prompt), getattr(out, "cached_tokens", 0), 0)
+        ms = (time.perf_counter() - started) * 1e3
+        queue = m.queue_ms(getattr(out.outputs[0], "request_perf_metrics", None))
+        return Extension(usage, Timings(queue, max(0.0, ms - queue), 0.0, ms))
 
     async def glimpse(self, prompt: list[int], top_k: int, session_id: str, cancel: CancelToken) -> Glimpse:
         started = time.perf_counter()
