@@ -63,7 +63,7 @@ class UpSettings:
     small_model: str = setting("qwen2.5-coder-0.5b", "small model: a manifest id (fetched if missing) or a GGUF path")
     large_model: str = setting("qwen2.5-coder-1.5b", "large model: a manifest id (fetched if missing) or a GGUF path")
     backend: str = setting("llamacpp", "worker backend", choices=["llamacpp", "trtllm", "sim"])
-    threads: int = setting(0, "CPU threads per worker (0 = llama.cpp's choice)")
+    threads: int = setting(0, "CPU threads per worker (0 = every core it may run on)")
     context_length: int = setting(4096, "context window of each worker in tokens")
     redis_url: str = setting("redis://127.0.0.1:6379/0", "Redis for sessions; a private redis-server is started when none answers", secret=True)
     private_redis: bool = setting(False, "always start a private redis-server, even when one answers at --redis-url")

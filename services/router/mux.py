@@ -33,7 +33,7 @@ log = logging.getLogger("glimprouter.router.workers")
 
 # Method names (as metrics and spans name the calls) -> MuxCall fields
 CALLS = {"RenderPrompt": "render_prompt", "Tokenize": "tokenize", "Glimpse": "glimpse", "StepStream": "step",
-         "GenerateStream": "generate"}
+         "GenerateStream": "generate", "Extend": "extend"}
 SERVICE = "glimprouter.v1.ModelWorker"
 
 

@@ -15,12 +15,14 @@ from services.worker.types import (
     ChatMessage,
     Chunk,
     Decided,
+    Extension,
     Gate,
     GenerateRequest,
     Generation,
     Glimpse,
     ModelInfo,
     StepResult,
+    Usage,
 )
 
 
@@ -81,6 +83,12 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def generate(self, req: GenerateRequest, cancel: CancelToken) -> AsyncIterator[Chunk]:
         """Stream chunks; the last one carries `final`."""
+
+    async def extend(self, prompt: list[int], session_id: str, cancel: CancelToken) -> Extension:
+        """Catch-up prefill of a session's KV state (see worker.proto's Extend). A
+        backend without per-session state to extend does nothing, which is always
+        correct: the next real call prefills what it needs."""
+        return Extension(Usage(len(prompt), 0, 0, 0))
 
     # ---- whole results, for unary calls ----------------------------------------------
     async def generate_full(self, req: GenerateRequest, cancel: CancelToken) -> Generation:

@@ -54,7 +54,7 @@ def top_k_ids(logits: np.ndarray, k: int) -> np.ndarray:
             top = float(logits.max())
             for span in (8.0, 32.0):
                 cand = np.flatnonzero(logits > top - span)
-                if cand.size >= k:
+                if k <= cand.size <= 4096:
                     idx = cand
                     break
         if idx is None:
@@ -82,14 +82,22 @@ def top_k_entropy(logprobs: Sequence[float]) -> float:
 
 
 def summarize(logits: np.ndarray, k: int) -> Distribution:
-    """Everything a glimpse reports, from one logits vector."""
+    """Everything a glimpse reports, from one logits vector.
+
+    Runs once per glimpse over the whole vocabulary (152k for Qwen), so it stays in
+    float32 for the elementwise work and accumulates the two sums in float64:
+    H = log S - sum(e*z)/S with z = logits - max and e = exp(z), S = sum(e).
+    """
     ids = top_k_ids(logits, k)
-    z = logits.astype(np.float64, copy=False) - float(logits[ids[0]])
+    x = logits if logits.dtype == np.float32 else logits.astype(np.float32)
+    top = x[ids[0]]
+    z = x - top
     e = np.exp(z)
-    s = float(e.sum())
+    s = float(e.sum(dtype=np.float64))
     log_s = math.log(s)
-    h_full = max(0.0, log_s - float(np.dot(e, z)) / s)
-    top_lp = [float(z[i] - log_s) for i in ids]
+    h_full = max(0.0, log_s - float(np.multiply(e, z).sum(dtype=np.float64)) / s)
+    # From the same float32 weights as S, so the top probabilities sum to at most 1.
+    top_lp = [math.log(w) - log_s if w > 0 else float(z[i]) - log_s for i, w in zip(ids, e[ids].astype(np.float64))]
     return Distribution(
         greedy_id=int(ids[0]),
         entropy_full=h_full,

@@ -33,6 +33,7 @@ _CALLS = {
     "glimpse": ("Glimpse", "glimpse", False),
     "step": ("StepStream", "step", True),
     "generate": ("GenerateStream", "chunk", True),
+    "extend": ("Extend", "extend", False),
 }
 
 

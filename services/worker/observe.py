@@ -24,10 +24,7 @@ def _usage_and_timings(response) -> tuple[pb.Usage | None, pb.Timings | None]:
     if isinstance(response, pb.StepResponse):
         src = response.generation if response.HasField("generation") else response.glimpse
         return src.usage, src.timings
-    if isinstance(response, pb.StepChunk):  # StepStream: its final chunk (KEEP) or its head (ESCALATE)
-        src = response.chunk if response.HasField("chunk") else response.glimpse
-        return src.usage, src.timings
-    if isinstance(response, (pb.GlimpseResponse, pb.GenerateResponse, pb.GenerateChunk)):
+    if isinstance(response, (pb.GlimpseResponse, pb.GenerateResponse, pb.GenerateChunk, pb.ExtendResponse)):
         return response.usage, response.timings
     return None, None
 
@@ -74,3 +71,29 @@ CANCELLED_TOKENS = Counter(
 def generation_cancelled(model: str, tokens: int) -> None:
     CANCELLED.labels(model).inc()
     CANCELLED_TOKENS.labels(model).inc(tokens)
+
+# The scheduler (scheduler.py): how full its batches are and how much waits.
+BATCH_SEQUENCES = Histogram(
+    "glimprouter_worker_batch_sequences", "Requests one batch carried (continuous batching)", ["model"],
+    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32, 64, 128, 256),
+)
+BATCH_TOKENS = Histogram(
+    "glimprouter_worker_batch_tokens", "Tokens one batch evaluated (decode tokens plus prompt chunks)", ["model"],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048),
+)
+WAITING = Gauge("glimprouter_worker_requests_waiting", "Requests waiting for a free sequence (--parallel)", ["model"])
+SNAPSHOT_BYTES = Gauge("glimprouter_worker_kv_snapshot_bytes", "Bytes of saved session KV state (--kv-cache-bytes)", ["model"])
+
+
+class SchedulerMetrics:
+    """Bound to one model's label once: the scheduler reports every batch."""
+
+    def __init__(self, model: str) -> None:
+        self._seqs, self._tokens = BATCH_SEQUENCES.labels(model), BATCH_TOKENS.labels(model)
+        self._waiting, self._snap = WAITING.labels(model), SNAPSHOT_BYTES.labels(model)
+
+    def batch(self, sequences: int, tokens: int, waiting: int, snapshot_bytes: int) -> None:
+        self._seqs.observe(sequences)
+        self._tokens.observe(tokens)
+        self._waiting.set(waiting)
+        self._snap.set(snapshot_bytes)

@@ -17,6 +17,7 @@ from services.worker.types import (
     Decided,
     Decision,
     EntropyMethod,
+    Extension,
     FinishReason,
     Gate,
     GenerateRequest,
@@ -124,6 +125,18 @@ class ChunkReader:
                 flat_from_pb(Usage, c.usage), flat_from_pb(Timings, c.timings), list(self.entropies), c.matched_stop,
             )
         return Chunk(ids, c.text, entropies, final)
+
+
+def extension_to_pb(e: Extension) -> pb.ExtendResponse:
+    return pb.ExtendResponse(usage=flat_to_pb(e.usage, pb.Usage), timings=flat_to_pb(e.timings, pb.Timings))
+
+
+def extension_from_pb(r: pb.ExtendResponse) -> Extension:
+    return Extension(flat_from_pb(Usage, r.usage), flat_from_pb(Timings, r.timings))
+
+
+def extend_request_to_pb(prompt: Sequence[int], session_id: str) -> pb.ExtendRequest:
+    return pb.ExtendRequest(prompt=prompt_to_pb(prompt), session_id=session_id)
 
 
 def decided_to_pb(d: Decided) -> pb.StepChunk:

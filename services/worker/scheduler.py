@@ -45,6 +45,7 @@ from services.worker.types import (
     Chunk,
     Decided,
     Decision,
+    Extension,
     FinishReason,
     Gate,
     GenerateRequest,
@@ -66,6 +67,9 @@ class Kind(enum.Enum):
     GLIMPSE = "glimpse"
     STEP = "step"
     GENERATE = "generate"
+    # Catch-up prefill (the router's Extend): a session's KV state grows ahead of its
+    # next real call, at the lowest priority, and gives way to any real request.
+    EXTEND = "extend"
 
 
 _END = object()  # the last item delivered to a request's consumer
@@ -140,11 +144,13 @@ class Scheduler(Engine):
         self.prefill_chunk = max(1, min(prefill_chunk, model.n_batch))
         self.snapshots = SnapshotCache(kv_cache_bytes)
         self.stats = Stats()
+        self._metrics = observe.SchedulerMetrics(model.model_id)
         self._slots = [Slot(i) for i in range(model.n_seq)]
         self._pieces: dict[int, str] = {}
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._waiting: deque[Job] = deque()
+        self._extends: deque[Job] = deque()  # catch-ups wait here, behind every real request
         self._active: list[Job] = []  # admitted, in admission order
         self._outbox: list[Job] = []  # jobs with results to deliver after this iteration
         self._closed = False
@@ -234,13 +240,18 @@ class Scheduler(Engine):
             raise RuntimeError("step ended without a decision")
         return StepResult(head.decision, head.entropy, head.glimpse, final)
 
+    async def extend(self, prompt: list[int], session_id: str, cancel: CancelToken) -> Extension:
+        async for item in self._submit(Job(Kind.EXTEND, prompt, session_id, cancel, False)):
+            return item
+        raise RuntimeError("extend ended without a result")
+
     async def _submit(self, job: Job) -> AsyncIterator:
         job.loop = asyncio.get_running_loop()
         job.event = asyncio.Event()
         with self._lock:
             if self._closed:
                 raise EngineError("the worker is shutting down")
-            self._waiting.append(job)
+            (self._extends if job.kind is Kind.EXTEND else self._waiting).append(job)
             self._wake.notify()
         try:
             while True:
@@ -264,11 +275,12 @@ class Scheduler(Engine):
     def _run(self) -> None:
         while True:
             with self._lock:
-                while not self._waiting and not self._active and not self._closed:
+                while not self._waiting and not self._extends and not self._active and not self._closed:
                     self._wake.wait()
                 if self._closed:
-                    pending = list(self._waiting) + self._active
+                    pending = list(self._waiting) + list(self._extends) + self._active
                     self._waiting.clear()
+                    self._extends.clear()
                     break
             try:
                 self._iteration()
@@ -289,29 +301,65 @@ class Scheduler(Engine):
         for job in [j for j in self._active if j.ready is not None]:
             logits, job.ready = job.ready, None
             self._on_logits(job, logits)
-        batch, rows_for = self._build()
+        batch, rows_for, caught_up = self._build()
         if not len(batch):
             return
         logits = self.model.decode(batch)
+        sequences = len(set(batch.seqs))
         self.stats.batches += 1
         self.stats.evaluated_tokens += len(batch)
-        self.stats.max_batch_sequences = max(self.stats.max_batch_sequences, len(set(batch.seqs)))
+        self.stats.max_batch_sequences = max(self.stats.max_batch_sequences, sequences)
+        self._metrics.batch(sequences, len(batch), len(self._waiting), self.snapshots.bytes)
         for job, row in zip(rows_for, logits):
             self._on_logits(job, row)
+        for job in caught_up:
+            self._finish_extend(job)
 
     def _admit(self) -> None:
+        """Real requests first; then catch-ups, into sequences nobody else wants."""
         while True:
             with self._lock:
-                idle = [s for s in self._slots if s.job is None]
-                if not self._waiting or not idle:
-                    return
-                job = self._waiting.popleft()
-            if job.cancel.cancelled:
-                self._fail(job, asyncio.CancelledError())
+                if not self._waiting:
+                    break
+                job = self._waiting[0]
+            # A catch-up of this session gives its sequence (and what it prefilled so
+            # far) to the real call; any catch-up gives way when no sequence is free.
+            for ext in [j for j in self._active if j.kind is Kind.EXTEND and j.session == job.session and job.session]:
+                self._finish_extend(ext)
+            idle = [s for s in self._slots if s.job is None]
+            if not idle:
+                ext = next((j for j in self._active if j.kind is Kind.EXTEND), None)
+                if ext is None:
+                    break
+                self._finish_extend(ext)
                 continue
-            job.admitted = time.perf_counter()
-            self._place(job, idle)
-            self._active.append(job)
+            with self._lock:
+                self._waiting.popleft()
+            self._start(job, idle)
+        while True:
+            idle = [s for s in self._slots if s.job is None]
+            with self._lock:
+                if not self._extends or not idle:
+                    return
+                job = self._extends.popleft()
+            if any(j.session == job.session for j in self._active):
+                # The session is being served: its real call prefills what it needs.
+                job.admitted = job.prefilled = time.perf_counter()
+                self._emit(job, Extension(Usage(len(job.prompt), 0, 0, 0), Timings()))
+                self._release(job)
+                self._emit(job, _END)
+                continue
+            self._start(job, idle)
+
+    def _start(self, job: Job, idle: list[Slot]) -> None:
+        if job.cancel.cancelled:
+            self._fail(job, asyncio.CancelledError())
+            return
+        job.admitted = time.perf_counter()
+        self._place(job, idle)
+        self._active.append(job)
+        if job.kind is Kind.EXTEND and len(job.slot.tokens) >= len(job.prompt):
+            self._finish_extend(job)  # it holds all of it already
 
     def _place(self, job: Job, idle: list[Slot]) -> None:
         """Give the job a sequence, reusing as much KV state as it can."""
@@ -330,7 +378,17 @@ class Scheduler(Engine):
         if snap is not None and from_snap > own:
             own = from_snap if self._restore(slot, snap) else 0
         n = len(prompt)
-        if own == n == len(slot.tokens) and slot.logits is not None:
+        if job.kind is Kind.EXTEND and own == n:
+            # Already held (perhaps with more after it): an extension only ever adds.
+            job.cached = n
+        elif job.kind is Kind.EXTEND:
+            # No logits are needed, so nothing is evaluated again: keep all it shares.
+            if own < len(slot.tokens):
+                own = self.model.keep(slot.seq, own)
+            slot.tokens = prompt[:own]
+            slot.logits = None
+            job.cached = own
+        elif own == n == len(slot.tokens) and slot.logits is not None:
             # The sequence ends exactly at this prompt and its logits were kept (a
             # Generate right after a Glimpse of the same prompt): nothing to evaluate.
             job.ready = slot.logits
@@ -347,9 +405,11 @@ class Scheduler(Engine):
         slot.session, slot.job, slot.last_used = sid, job, time.monotonic()
         job.slot = slot
 
-    def _build(self) -> tuple[Batch, list[Job]]:
-        """This iteration's batch, and the job each logits row goes to."""
-        batch, rows_for = Batch(), []
+    def _build(self) -> tuple[Batch, list[Job], list[Job]]:
+        """This iteration's batch, the job each logits row goes to, and the catch-ups
+        this batch completes. Decoding requests first, then prompts (real ones
+        before catch-ups), at most `prefill_chunk` prompt tokens while anyone decodes."""
+        batch, rows_for, caught_up = Batch(), [], []
         decoding = False
         for job in self._active:
             if job.next_token is not None:
@@ -360,26 +420,46 @@ class Scheduler(Engine):
                 rows_for.append(job)
                 decoding = True
         budget = min(self.model.n_batch - len(batch), self.prefill_chunk if decoding else self.model.n_batch)
-        for job in self._active:
+        prompts = sorted(
+            (j for j in self._active if not j.done and j.decoding is None and j.ready is None and j.next_token is None),
+            key=lambda j: j.kind is Kind.EXTEND,  # stable: admission order within each kind
+        )
+        for job in prompts:
             if budget <= 0:
                 break
             slot = job.slot
-            if job.done or job.decoding is not None or job.ready is not None or job.next_token is not None:
-                continue
             start = len(slot.tokens)
             rest = len(job.prompt) - start
             if rest <= 0:
                 continue
             take = min(rest, budget)
+            last = take == rest
             batch.tokens.extend(job.prompt[start : start + take])
             batch.seqs.extend([slot.seq] * take)
             batch.positions.extend(range(start, start + take))
-            batch.wants.extend([False] * (take - 1) + [take == rest])
+            # A catch-up reads no logits: its last token is evaluated like the others.
+            batch.wants.extend([False] * (take - 1) + [last and job.kind is not Kind.EXTEND])
             slot.tokens.extend(job.prompt[start : start + take])
             budget -= take
-            if take == rest:
-                rows_for.append(job)
-        return batch, rows_for
+            if last:
+                (caught_up if job.kind is Kind.EXTEND else rows_for).append(job)
+        return batch, rows_for, caught_up
+
+    def _finish_extend(self, job: Job) -> None:
+        """A catch-up is done, or gives way early: what it prefilled stays in the sequence."""
+        if job.done:
+            return
+        slot = job.slot  # its logits were dropped by _place if it was to add anything
+        held = min(len(slot.tokens), len(job.prompt)) if slot is not None else job.cached
+        job.prefilled = time.perf_counter()
+        n = len(job.prompt)
+        usage = Usage(n, job.cached, max(0, held - job.cached), 0)
+        timings = Timings(
+            (job.admitted - job.enqueued) * 1e3, (job.prefilled - job.admitted) * 1e3, 0.0, (job.prefilled - job.enqueued) * 1e3
+        )
+        self._emit(job, Extension(usage, timings))
+        self._release(job)
+        self._emit(job, _END)
 
     # ---- what a logits row means to its job ------------------------------------------------
     def _on_logits(self, job: Job, logits: np.ndarray) -> None:
@@ -444,6 +524,9 @@ class Scheduler(Engine):
         self._emit(job, _END)
 
     def _cancelled(self, job: Job) -> None:
+        if job.kind is Kind.EXTEND:
+            self._finish_extend(job)
+            return
         d = job.decoding
         if d is None:  # nothing written yet: the consumer is gone or going
             self._release(job)

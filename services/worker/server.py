@@ -92,8 +92,10 @@ async def serve(settings: WorkerSettings, engine: Engine) -> None:
     port = await server.start()
     info = engine.info
     # Parents (the CLI, tests) read this line to learn the port when --port 0.
+    # The engine's own words (threads, parallel sequences, batch size) follow.
     print(
-        f"glimprouter-worker ready model={info.model_id} backend={info.backend} port={port} metrics_port={metrics_port}",
+        f"glimprouter-worker ready model={info.model_id} backend={info.backend} port={port} metrics_port={metrics_port}"
+        f" {engine.describe()}".rstrip(),
         flush=True,
     )
     await stopping.wait()

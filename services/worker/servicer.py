@@ -118,12 +118,14 @@ class WorkerServicer(pb_grpc.ModelWorkerServicer):
             try:
                 async for item in stream:
                     if isinstance(item, Decided):
-                        msg = head = protomap.decided_to_pb(item)
-                        out[:] = [msg]  # metrics read the head, then the decision with the final chunk
+                        msg = protomap.decided_to_pb(item)
+                        # Metrics read a StepResponse: the head, then the step's totals.
+                        out[:] = [pb.StepResponse(decision=msg.decision, entropy=msg.entropy, glimpse=msg.glimpse)]
                     else:
                         msg = pb.StepChunk(chunk=protomap.chunk_to_pb(item))
                         if item.final is not None:
-                            out[:] = [pb.StepChunk(decision=head.decision, entropy=head.entropy, chunk=msg.chunk)]
+                            out[-1].generation.usage.CopyFrom(msg.chunk.usage)
+                            out[-1].generation.timings.CopyFrom(msg.chunk.timings)
                     yield msg
             finally:
                 cancel.cancel()
@@ -138,6 +140,19 @@ class WorkerServicer(pb_grpc.ModelWorkerServicer):
             finally:
                 cancel.cancel()
             out.append(protomap.generation_to_pb(gen))
+            return out[-1]
+
+    async def Extend(self, request: pb.ExtendRequest, context):
+        async with self._call(context, "Extend") as out:
+            prompt = self._prompt(request.prompt)
+            sid = v.session_id(request.session_id)
+            if not sid:
+                raise v.InvalidArgument("session_id", "is required: Extend grows that session's KV state")
+            cancel = CancelToken()
+            try:
+                out.append(protomap.extension_to_pb(await self.engine.extend(prompt, sid, cancel)))
+            finally:
+                cancel.cancel()
             return out[-1]
 
     async def GenerateStream(self, request: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateChunk]:

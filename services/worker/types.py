@@ -138,6 +138,15 @@ class Decided:
 
 
 @dataclass
+class Extension:
+    """What a catch-up (Extend) did: prompt_tokens asked for, cached_tokens already
+    held, prefilled_tokens added now (fewer when it gave way to a real request)."""
+
+    usage: Usage = field(default_factory=Usage)
+    timings: Timings = field(default_factory=Timings)
+
+
+@dataclass
 class StepResult:
     decision: Decision
     entropy: float

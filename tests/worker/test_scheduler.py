@@ -407,3 +407,83 @@ async def test_a_closed_engine_refuses_new_work():
     await e.close()
     with pytest.raises(Exception, match="shutting down"):
         await glimpse(e, [1, 2, 3], "s")
+
+
+# ---- catch-up prefill (Extend) ------------------------------------------------------------------------
+async def test_extend_grows_a_session_so_its_next_call_finds_it_cached():
+    e = Scheduler(SimModel(n_seq=2))
+    try:
+        prompt = e.render_prompt([ChatMessage("user", "q")], True, False)[0]
+        step = e.tokenize(" the total is 42\n\n", add_bos=False)
+        await glimpse(e, prompt, "S")
+        ext = await e.extend(prompt + step, "S", CancelToken())
+        assert (ext.usage.cached_tokens, ext.usage.prefilled_tokens) == (len(prompt), len(step))
+        g = await glimpse(e, prompt + step + step[:1], "S")
+        assert g.usage.cached_tokens == len(prompt + step) and g.usage.prefilled_tokens == 1
+        # Only ever adds: what is held costs nothing, and a shorter (stale) prompt does not cut it.
+        assert (await e.extend(prompt + step, "S", CancelToken())).usage.prefilled_tokens == 0
+        assert (await e.extend(prompt, "S", CancelToken())).usage.prefilled_tokens == 0
+        assert (await glimpse(e, prompt + step + step[:1], "S")).usage.cached_tokens == len(prompt + step) + 1
+    finally:
+        await e.close()
+
+
+async def test_a_session_never_seen_is_caught_up_from_nothing():
+    e = Scheduler(SimModel(n_seq=1))
+    try:
+        prompt = e.render_prompt([ChatMessage("user", "q")], True, False)[0]
+        ext = await e.extend(prompt, "new", CancelToken())
+        assert (ext.usage.cached_tokens, ext.usage.prefilled_tokens) == (0, len(prompt))
+        assert (await glimpse(e, prompt + [7], "new")).usage.cached_tokens == len(prompt)
+    finally:
+        await e.close()
+
+
+async def test_a_catch_up_gives_way_to_a_real_request_and_keeps_its_progress():
+    # 2000 prompt tokens at 1 ms each, 512 a batch: the catch-up takes ~2 s alone.
+    e = Scheduler(SimModel(n_seq=1, prefill_latency_per_token_s=0.001, context_length=4096))
+    try:
+        long = e.tokenize("the sum of each number " * 400, add_bos=False)[:2000]
+        catch_up = asyncio.create_task(e.extend(long, "S", CancelToken()))
+        while e.stats.batches == 0:
+            await asyncio.sleep(0.005)
+        # Another session needs the only sequence: the catch-up stops after its batch.
+        other = await asyncio.wait_for(generate(e, long[:8], "T", greedy(2)), 5)
+        done = await catch_up
+        assert len(other.token_ids) == 2
+        assert 0 < done.usage.prefilled_tokens < len(long)
+        # Its session's state was saved with what it had, and the next call goes on from there.
+        g = await glimpse(e, long, "S")
+        assert g.usage.cached_tokens >= done.usage.prefilled_tokens
+    finally:
+        await e.close()
+
+
+async def test_a_real_call_of_the_same_session_takes_over_its_catch_up():
+    e = Scheduler(SimModel(n_seq=2, prefill_latency_per_token_s=0.001, context_length=4096))
+    try:
+        long = e.tokenize("the sum of each number " * 400, add_bos=False)[:2000]
+        catch_up = asyncio.create_task(e.extend(long, "S", CancelToken()))
+        while e.stats.batches == 0:
+            await asyncio.sleep(0.005)
+        g = await glimpse(e, long, "S")
+        done = await catch_up
+        assert done.usage.prefilled_tokens < len(long)
+        # The glimpse went on from where the catch-up stopped, in the same sequence.
+        assert g.usage.cached_tokens == done.usage.prefilled_tokens
+        assert g.usage.prefilled_tokens == len(long) - done.usage.prefilled_tokens
+    finally:
+        await e.close()
+
+
+@pytest.mark.slow
+async def test_extended_state_gives_the_distribution_of_a_fresh_run(eng, reference):
+    prompt = chat(eng, "A shop sells 4 pens for 3 dollars. How much are 12 pens?")
+    step = words(eng, "Step 1: 12 pens are 3 groups of 4 pens.\n\n")
+    await glimpse(eng, prompt, "caught")
+    ext = await eng.extend(prompt + step, "caught", CancelToken())
+    assert ext.usage.prefilled_tokens == len(step)
+    nxt = prompt + step + words(eng, "Step")
+    g = await glimpse(eng, nxt, "caught")
+    assert g.usage.cached_tokens == len(prompt + step)
+    assert_matches(g, reference(nxt, len(prompt), len(prompt + step)))

@@ -30,12 +30,17 @@ from services.worker.backends import trtllm_limits as lim
 from services.worker.backends import trtllm_mapping as m
 from services.worker.backends.trtllm import TrtLlmEngine
 from services.worker.engine import CancelToken, EngineError
-from services.worker.types import ChatMessage, Decision, EntropyMethod, FinishReason, SamplingParams, StopParams
+from services.worker.types import (ChatMessage, Chunk, Decided, Decision, EntropyMethod, FinishReason, Gate,
+                                  GenerateRequest, SamplingParams, StopParams, Usage)
 
 PIECES = ["<|endoftext|>", "Hello", "Ġworld", ".", "ĊĊ", ".ĊĊ", "Ċ", "Wait", "Ġis", "Ġ", "<think>", "</think>"]
 ADDED = {0, 10, 11}
 V = len(PIECES)
 GREEDY, STOP = SamplingParams(max_tokens=64), StopParams()
+
+
+def request(prompt, sampling=GREEDY, stop=STOP, session="s", **kw) -> GenerateRequest:
+    return GenerateRequest(prompt, sampling, stop, session, **kw)
 
 
 def test_missing_tensorrt_llm_names_the_fix(monkeypatch):
@@ -305,7 +310,7 @@ async def test_exact_glimpse_uses_generation_logits(make_engine):
 
 async def test_merged_boundary_token_ends_the_step(make_engine):
     engine, llm = await make_engine({1: 2, 2: 5, 5: 7})
-    gen = await engine.generate_full([1], GREEDY, STOP, "s", CancelToken())
+    gen = await engine.generate_full(request([1]), CancelToken())
     assert (gen.token_ids, gen.text, gen.finish_reason) == ([2, 5], " world.\n\n", FinishReason.STEP_END)
     p = llm.requests[0].p
     assert {0, 4, 5} <= set(p.stop_token_ids) and p.include_stop_str_in_output and len(llm.requests) == 1
@@ -313,7 +318,7 @@ async def test_merged_boundary_token_ends_the_step(make_engine):
 
 async def test_blank_boundary_continues_with_a_new_request(make_engine):
     engine, llm = await make_engine({9: 4, 4: 1, 1: 2, 2: 5})
-    gen = await engine.generate_full([9], GREEDY, STOP, "s", CancelToken())
+    gen = await engine.generate_full(request([9]), CancelToken())
     assert (gen.token_ids, gen.finish_reason) == ([4, 1, 2, 5], FinishReason.STEP_END)
     assert [r.prompt for r in llm.requests] == [[9], [9, 4]]
     assert llm.requests[1].p.max_tokens == GREEDY.max_tokens - 1
@@ -321,50 +326,51 @@ async def test_blank_boundary_continues_with_a_new_request(make_engine):
 
 async def test_boundary_across_tokens_cuts_and_aborts(make_engine):
     engine, llm = await make_engine({1: 3, 3: 6, 6: 6})
-    gen = await engine.generate_full([1], GREEDY, STOP, "s", CancelToken())
+    gen = await engine.generate_full(request([1]), CancelToken())
     assert (gen.token_ids, gen.text, gen.finish_reason) == ([3, 6, 6], ".\n\n", FinishReason.STEP_END)
     assert llm.requests[0].aborted
 
 
 async def test_streaming_equals_unary(make_engine):
     engine, _ = await make_engine({1: 2, 2: 8, 8: 7, 7: 3, 3: 6, 6: 6})
-    chunks = [c async for c in engine.generate([1], GREEDY, STOP, "s", CancelToken())]
+    chunks = [c async for c in engine.generate(request([1]), CancelToken())]
     final = chunks[-1].final
     assert sum((c.token_ids for c in chunks), []) == final.token_ids == [2, 8, 7, 3, 6, 6]
     assert "".join(c.text for c in chunks) == final.text == engine.token_text(final.token_ids)
-    assert (await engine.generate_full([1], GREEDY, STOP, "s", CancelToken())).token_ids == final.token_ids
+    assert (await engine.generate_full(request([1]), CancelToken())).token_ids == final.token_ids
 
 
 async def test_eos_is_returned_even_when_trt_drops_it(make_engine):
     engine, _ = await make_engine({1: 2, 2: 0})
-    gen = await engine.generate_full([1], GREEDY, STOP, "s", CancelToken())
+    gen = await engine.generate_full(request([1]), CancelToken())
     assert (gen.token_ids, gen.finish_reason, gen.text) == ([2, 0], FinishReason.EOS, " world")
-    gen = await engine.generate_full([1], SamplingParams(max_tokens=4), StopParams(stop_on_eos=False), "s",
-                                     CancelToken())
+    no_eos = request([1], SamplingParams(max_tokens=4), StopParams(stop_on_eos=False))
+    gen = await engine.generate_full(no_eos, CancelToken())
     assert (gen.token_ids, gen.finish_reason) == ([2, 0, 1, 2], FinishReason.LENGTH)
 
 
 async def test_max_tokens_stop_strings_and_entropies(make_engine):
     engine, llm = await make_engine({1: 2, 2: 8, 8: 2})
-    gen = await engine.generate_full([1], SamplingParams(max_tokens=3), STOP, "s", CancelToken(), True, 4)
+    with_entropies = request([1], SamplingParams(max_tokens=3), return_entropies=True, top_k=4)
+    gen = await engine.generate_full(with_entropies, CancelToken())
     assert (gen.token_ids, gen.finish_reason) == ([2, 8, 2], FinishReason.LENGTH)
     want = [topk_entropy(raw_logprobs(llm, [1, 2, 8, 2][: i + 1]), 4) for i in range(3)]
     assert gen.entropies == pytest.approx(want)
-    gen = await engine.generate_full([1], GREEDY, StopParams(stop=("is",)), "s", CancelToken())
+    gen = await engine.generate_full(request([1], GREEDY, StopParams(stop=("is",))), CancelToken())
     assert (gen.token_ids, gen.finish_reason, gen.matched_stop) == ([2, 8], FinishReason.STOP, "is")
 
 
 async def test_cached_tokens_are_reported(make_engine):
     engine, _ = await make_engine({1: 2, 2: 5})
-    await engine.generate_full([1, 2, 8, 7], GREEDY, STOP, "s", CancelToken())
-    gen = await engine.generate_full([1, 2, 8, 7], GREEDY, STOP, "s", CancelToken())
+    await engine.generate_full(request([1, 2, 8, 7]), CancelToken())
+    gen = await engine.generate_full(request([1, 2, 8, 7]), CancelToken())
     assert (gen.usage.cached_tokens, gen.usage.prefilled_tokens, gen.usage.prompt_tokens) == (3, 1, 4)
 
 
 async def test_step_escalates_on_a_flat_distribution(make_engine):
     engine, llm = await make_engine({1: 2})
     llm.flat = {1}
-    r = await engine.step([1], EntropyMethod.TOP_K, 1.0, 20, GREEDY, STOP, "s", CancelToken())
+    r = await engine.step_full(request([1], top_k=20), Gate(EntropyMethod.TOP_K, 1.0), CancelToken())
     assert r.decision is Decision.ESCALATE and r.generation is None
     assert r.entropy == pytest.approx(math.log(V)) and len(llm.requests) == 1
 
@@ -372,7 +378,7 @@ async def test_step_escalates_on_a_flat_distribution(make_engine):
 async def test_step_keeps_the_sampled_first_token(make_engine):
     engine, llm = await make_engine({1: 2, 2: 5})
     sampling = SamplingParams(temperature=0.7, top_p=0.95, seed=1, max_tokens=16)
-    r = await engine.step([1], EntropyMethod.TOP_K, 5.0, 5, sampling, STOP, "s", CancelToken())
+    r = await engine.step_full(request([1], sampling, top_k=5), Gate(EntropyMethod.TOP_K, 5.0), CancelToken())
     first = llm.requests[0]
     assert (first.p.temperature, first.p.logprobs_mode, first.p.seed) == (0.7, "raw", 1)
     assert r.entropy == pytest.approx(topk_entropy(raw_logprobs(llm, [1]), 5))  # not the T=0.7 one
@@ -384,10 +390,10 @@ async def test_step_keeps_the_sampled_first_token(make_engine):
 
 async def test_greedy_step_continues_from_the_argmax(make_engine):
     engine, llm = await make_engine({1: 2, 2: 5})
-    r = await engine.step([1], EntropyMethod.TOP_K, 5.0, 5, GREEDY, STOP, "s", CancelToken())
+    r = await engine.step_full(request([1], top_k=5), Gate(EntropyMethod.TOP_K, 5.0), CancelToken())
     assert r.generation.token_ids == [2, 5] and llm.requests[1].prompt == [1, 2]
     with pytest.raises(EngineError, match="exact-entropy"):
-        await engine.step([1], EntropyMethod.FULL, 5.0, 5, GREEDY, STOP, "s", CancelToken())
+        await engine.step_full(request([1], top_k=5), Gate(EntropyMethod.FULL, 5.0), CancelToken())
 
 
 async def test_cancel_and_closing_the_stream_abort_the_request(make_engine):
@@ -395,15 +401,95 @@ async def test_cancel_and_closing_the_stream_abort_the_request(make_engine):
     llm.token_delay = 0.002
     cancel = CancelToken()
     chunks = []
-    async for c in engine.generate([1], SamplingParams(max_tokens=5000), STOP, "s", cancel):
+    async for c in engine.generate(request([1], SamplingParams(max_tokens=5000)), cancel):
         chunks.append(c)
         if len(chunks) == 3:
             cancel.cancel()
     assert chunks[-1].final.finish_reason is FinishReason.CANCELLED and llm.requests[0].aborted
-    stream = engine.generate([1], SamplingParams(max_tokens=5000), STOP, "s", CancelToken())
+    stream = engine.generate(request([1], SamplingParams(max_tokens=5000)), CancelToken())
     await stream.__anext__()
     await stream.aclose()
     assert llm.requests[1].aborted
+
+
+# ---- the streamed Step ----------------------------------------------------------------
+
+
+async def test_step_streams_the_decision_first_then_the_chunks(make_engine):
+    engine, llm = await make_engine({1: 2, 2: 8, 8: 7, 7: 3, 3: 6, 6: 6})
+    stream = engine.step(request([1], top_k=5), Gate(EntropyMethod.TOP_K, 5.0), CancelToken())
+    head = await stream.__anext__()
+    assert isinstance(head, Decided) and head.decision is Decision.KEEP
+    assert head.entropy == pytest.approx(topk_entropy(raw_logprobs(llm, [1]), 5)) and head.glimpse.token_id == 2
+    assert len(llm.requests) == 1  # decided on the one-token request, before the step is written
+    chunks = [c async for c in stream]
+    assert all(isinstance(c, Chunk) for c in chunks) and [c.final is not None for c in chunks].count(True) == 1
+    final = chunks[-1].final
+    assert chunks[0].token_ids == [head.glimpse.token_id]  # the step starts with the glimpsed token
+    assert sum((c.token_ids for c in chunks), []) == final.token_ids == [2, 8, 7, 3, 6, 6]
+    assert "".join(c.text for c in chunks) == final.text == engine.token_text(final.token_ids)
+    assert final.finish_reason is FinishReason.STEP_END and final.usage == Usage(1, 0, 1, 6)
+    unary = await engine.step_full(request([1], top_k=5), Gate(EntropyMethod.TOP_K, 5.0), CancelToken())
+    assert (unary.decision, unary.generation.token_ids, unary.generation.text) == (
+        Decision.KEEP, final.token_ids, final.text)
+
+
+async def test_sampled_step_streams_from_the_token_its_first_request_drew(make_engine):
+    engine, llm = await make_engine({1: 2, 2: 5})
+    sampling = SamplingParams(temperature=0.7, seed=3, max_tokens=16)
+    stream = engine.step(request([1], sampling, top_k=5), Gate(EntropyMethod.TOP_K, 5.0), CancelToken())
+    items = [x async for x in stream]
+    drawn, final = llm.requests[0].outputs[0].token_ids[0], items[-1].final
+    assert isinstance(items[0], Decided) and items[1].token_ids == [drawn]
+    assert sum((c.token_ids for c in items[1:]), []) == final.token_ids and final.token_ids[0] == drawn
+
+
+async def test_escalated_step_streams_only_the_decision(make_engine):
+    engine, llm = await make_engine({1: 2})
+    llm.flat = {1}
+    items = [x async for x in engine.step(request([1], top_k=20), Gate(EntropyMethod.TOP_K, 1.0), CancelToken())]
+    assert len(items) == 1 and isinstance(items[0], Decided) and items[0].decision is Decision.ESCALATE
+    assert items[0].entropy == pytest.approx(math.log(V)) and len(llm.requests) == 1  # nothing written
+    with pytest.raises(EngineError, match="exact-entropy"):  # refused before any request
+        await engine.step(request([1]), Gate(EntropyMethod.FULL, 1.0), CancelToken()).__anext__()
+    assert len(llm.requests) == 1
+
+
+async def test_cancelling_mid_step_stops_it(make_engine):
+    engine, llm = await make_engine({1: 2, 2: 8, 8: 2})  # never reaches a boundary
+    llm.token_delay = 0.002
+    cancel = CancelToken()
+    items = []
+    async for x in engine.step(request([1], SamplingParams(max_tokens=5000)), Gate(), cancel):
+        items.append(x)
+        if len(items) == 4:  # the decision and three chunks
+            cancel.cancel()
+    final = items[-1].final
+    assert isinstance(items[0], Decided) and final.finish_reason is FinishReason.CANCELLED
+    assert len(final.token_ids) < 100 and llm.requests[1].aborted
+    assert sum((c.token_ids for c in items[1:]), []) == final.token_ids
+
+
+async def test_closing_a_step_stream_aborts_its_request(make_engine):
+    engine, llm = await make_engine({1: 2, 2: 8, 8: 2})
+    llm.token_delay = 0.002
+    stream = engine.step(request([1], SamplingParams(max_tokens=5000)), Gate(), CancelToken())
+    assert isinstance(await stream.__anext__(), Decided)
+    await stream.__anext__()  # the first token's chunk
+    await stream.__anext__()  # the continuation is streaming
+    await stream.aclose()
+    assert len(llm.requests) == 2 and llm.requests[1].aborted
+    stream = engine.step(request([1], SamplingParams(max_tokens=5000)), Gate(), CancelToken())
+    await stream.__anext__()
+    await stream.aclose()  # gone after the decision: the step is never written
+    assert len(llm.requests) == 3
+
+
+async def test_describe_says_what_the_engine_runs_with(make_engine):
+    engine, llm = await make_engine(exact_entropy=True, max_seq_len=4096, max_batch_size=128)
+    assert engine.describe() == lim.describe(llm.kwargs, 4096, True)
+    assert "context=4096 chunked_prefill=on" in engine.describe() and "max_batch_size=128" in engine.describe()
+    assert "exact_entropy=on" in engine.describe()
 
 
 async def test_render_prompt_without_template(make_engine):
@@ -420,7 +506,7 @@ async def test_long_prompts_get_in_with_chunked_prefill(make_engine):
     engine, llm = await make_engine({1: 2, 2: 5}, max_seq_len=32768)
     assert llm.kwargs["enable_chunked_prefill"] is True and engine.info.context_length == 32768
     prompt = [1] * 9000  # past TRT's default max_num_tokens of 8192
-    gen = await engine.generate_full(prompt, GREEDY, STOP, "s", CancelToken())
+    gen = await engine.generate_full(request(prompt), CancelToken())
     assert gen.finish_reason is FinishReason.STEP_END
 
 
@@ -429,7 +515,7 @@ async def test_without_chunked_prefill_the_advertised_context_is_what_trt_accept
     assert llm.kwargs["enable_chunked_prefill"] is False and llm.kwargs["max_num_tokens"] == 64
     assert engine.info.context_length == 65
     longest = [1] * (engine.info.context_length - 1)  # the longest prompt validation lets through
-    gen = await engine.generate_full(longest, SamplingParams(max_tokens=8), STOP, "s", CancelToken())
+    gen = await engine.generate_full(request(longest, SamplingParams(max_tokens=8)), CancelToken())
     assert (len(gen.token_ids), gen.finish_reason) == (1, FinishReason.CONTEXT)
     # A prompt past it is refused by TRT with ValueError: reported as an engine error.
     with pytest.raises(EngineError, match=r"max_num_tokens \(64\).*--trtllm-chunked-prefill"):
@@ -447,9 +533,9 @@ async def test_refused_requests_are_engine_errors_and_others_are_not(make_engine
         with pytest.raises(EngineError, match="TensorRT-LLM refused a request of 1 prompt tokens"):
             await engine.glimpse([1], 5, "s", CancelToken())
         with pytest.raises(EngineError, match="refused"):
-            await engine.generate_full([1], GREEDY, STOP, "s", CancelToken())
+            await engine.generate_full(request([1]), CancelToken())
         with pytest.raises(EngineError, match="refused"):
-            await engine.step([1], EntropyMethod.TOP_K, 9.0, 5, GREEDY, STOP, "s", CancelToken())
+            await engine.step_full(request([1], top_k=5), Gate(EntropyMethod.TOP_K, 9.0), CancelToken())
     llm.refuse = RuntimeError("CUDA error: an illegal memory access")  # a fault, not the request's: INTERNAL
     with pytest.raises(RuntimeError, match="CUDA"):
         await engine.glimpse([1], 5, "s", CancelToken())
@@ -462,7 +548,7 @@ async def test_sampled_step_path_is_detected_logged_and_counted(make_engine, cap
     assert engine._raw_mode is None
     assert any("two requests" in r.getMessage() and "#9675" in r.getMessage() for r in caplog.records)
     before = steps_counted("no-mode", lim.StepPath.NO_LOGPROBS_MODE)
-    r = await engine.step([1], EntropyMethod.TOP_K, 5.0, 5, sampling, STOP, "s", CancelToken())
+    r = await engine.step_full(request([1], sampling, top_k=5), Gate(EntropyMethod.TOP_K, 5.0), CancelToken())
     glimpse = llm.requests[0].p
     assert (glimpse.temperature, glimpse.logprobs) == (1.0, 5) and not hasattr(glimpse, "logprobs_mode")
     # the raw entropy, although this release reports logprobs after temperature
@@ -472,11 +558,11 @@ async def test_sampled_step_path_is_detected_logged_and_counted(make_engine, cap
 
     engine, llm = await make_engine({1: 2, 2: 5}, model_id="raw-mode")
     counted = {p: steps_counted("raw-mode", p) for p in lim.StepPath}
-    await engine.step([1], EntropyMethod.TOP_K, 5.0, 5, sampling, STOP, "s", CancelToken())
-    await engine.step([1], EntropyMethod.TOP_K, 5.0, 5, GREEDY, STOP, "s", CancelToken())
+    await engine.step_full(request([1], sampling, top_k=5), Gate(EntropyMethod.TOP_K, 5.0), CancelToken())
+    await engine.step_full(request([1], top_k=5), Gate(EntropyMethod.TOP_K, 5.0), CancelToken())
     llm.requests = []
     cut = SamplingParams(temperature=0.7, top_k=3, max_tokens=16)  # logprobs 5 > top_k 3: TRT refuses
-    r = await engine.step([1], EntropyMethod.TOP_K, 5.0, 5, cut, STOP, "s", CancelToken())
+    r = await engine.step_full(request([1], cut, top_k=5), Gate(EntropyMethod.TOP_K, 5.0), CancelToken())
     assert llm.requests[0].p.top_k == 0 and r.generation.token_ids[0] == llm.requests[1].outputs[0].token_ids[0]
     for path, n in ((lim.StepPath.RAW_LOGPROBS, 1), (lim.StepPath.GREEDY, 1), (lim.StepPath.REFUSED, 1),
                     (lim.StepPath.NO_LOGPROBS_MODE, 0)):
@@ -488,9 +574,10 @@ async def test_top_k_past_the_logprobs_cap_is_refused_naming_it(make_engine):
     with pytest.raises(EngineError, match=r"top_k 5 .*at most 4.*--trtllm-exact-entropy"):
         await engine.glimpse([1], 5, "s", CancelToken())
     with pytest.raises(EngineError, match="at most 4"):
-        await engine.step([1], EntropyMethod.TOP_K, 5.0, 5, SamplingParams(temperature=0.7), STOP, "s", CancelToken())
+        await engine.step_full(request([1], SamplingParams(temperature=0.7), top_k=5), Gate(EntropyMethod.TOP_K, 5.0),
+                               CancelToken())
     with pytest.raises(EngineError, match="at most 4") as info:
-        await engine.generate_full([1], GREEDY, STOP, "s", CancelToken(), True, 5)
+        await engine.generate_full(request([1], return_entropies=True, top_k=5), CancelToken())
     assert "exact-entropy" not in str(info.value)  # generation entropies come from logprobs either way
     assert llm.requests == []  # refused before TRT saw them
     assert (await engine.glimpse([1], 4, "s", CancelToken())).top[0].token_id == 2
@@ -506,9 +593,9 @@ async def test_queue_time_is_read_from_perf_metrics(make_engine):
     g = await engine.glimpse([1], 5, "s", CancelToken())
     assert llm.requests[0].p.return_perf_metrics is True
     assert g.timings.queue_ms == pytest.approx(4.0) and g.timings.total_ms >= g.timings.queue_ms
-    gen = await engine.generate_full([1], GREEDY, STOP, "s", CancelToken())
+    gen = await engine.generate_full(request([1]), CancelToken())
     assert gen.timings.queue_ms == pytest.approx(4.0)
-    r = await engine.step([1], EntropyMethod.TOP_K, 5.0, 5, GREEDY, STOP, "s", CancelToken())
+    r = await engine.step_full(request([1], top_k=5), Gate(EntropyMethod.TOP_K, 5.0), CancelToken())
     assert r.generation.timings.queue_ms == pytest.approx(8.0)  # the glimpse's and the continuation's
     engine, llm = await make_engine({1: 2}, sp=OldSamplingParams)  # no return_perf_metrics: not sent
     assert (await engine.glimpse([1], 5, "s", CancelToken())).timings.queue_ms == 0.0
@@ -524,7 +611,7 @@ async def test_steps_do_not_rely_on_seeds(make_engine):
     firsts = []
     for _ in range(6):
         llm.requests = []
-        r = await engine.step([1], EntropyMethod.TOP_K, 99.0, 5, sampling, STOP, "s", CancelToken())
+        r = await engine.step_full(request([1], sampling, top_k=5), Gate(EntropyMethod.TOP_K, 99.0), CancelToken())
         first = llm.requests[0].outputs[0].token_ids[0]
         assert r.generation.token_ids[0] == first
         assert all(req.prompt[:2] == [1, first] for req in llm.requests[1:])  # written on from it
@@ -596,28 +683,44 @@ async def test_gpu_glimpse_entropy_matches_exact_logits(gpu_engine):
 @pytest.mark.trtllm
 async def test_gpu_step_keep_and_escalate(gpu_engine):
     e, prompt = gpu_engine, gpu_prompt(gpu_engine)
-    r = await e.step(prompt, EntropyMethod.FULL, 0.0, 20, GREEDY, STOP, "t", CancelToken())
+    r = await e.step_full(request(prompt, session="t", top_k=20), Gate(EntropyMethod.FULL, 0.0), CancelToken())
     assert r.decision is Decision.ESCALATE and r.generation is None
-    r = await e.step(prompt, EntropyMethod.TOP_K, 1e9, 20, GREEDY, STOP, "t", CancelToken())
+    r = await e.step_full(request(prompt, session="t", top_k=20), Gate(EntropyMethod.TOP_K, 1e9), CancelToken())
     gen = r.generation
     assert r.decision is Decision.KEEP and gen.token_ids[0] == r.glimpse.token_id
     assert gen.text == e.token_text(gen.token_ids)
     sampled = SamplingParams(temperature=0.6, top_p=0.95, seed=7, max_tokens=32)
-    r = await e.step(prompt, EntropyMethod.TOP_K, 1e9, 20, sampled, STOP, "t", CancelToken())
+    r = await e.step_full(request(prompt, sampled, session="t", top_k=20), Gate(EntropyMethod.TOP_K, 1e9),
+                          CancelToken())
     assert r.entropy == pytest.approx(r.glimpse.entropy_top_k)  # from the raw logits, not T=0.6
     g = await e.glimpse(prompt, 20, "t", CancelToken())
     assert r.entropy == pytest.approx(g.entropy_top_k, abs=2e-2)
     assert r.generation.token_ids[0] in {t.token_id for t in g.top}  # drawn from the glimpsed distribution
     if gen.finish_reason is FinishReason.STEP_END:  # cut at the token that completed "\n\n"
         assert "\n\n" in gen.text and "\n\n" not in e.token_text(gen.token_ids[:-1]).lstrip()
+    items = [x async for x in e.step(request(prompt, session="t", top_k=20), Gate(EntropyMethod.TOP_K, 1e9),
+                                     CancelToken())]
+    assert isinstance(items[0], Decided) and items[1].token_ids[:1] == [items[0].glimpse.token_id]
+    assert sum((c.token_ids for c in items[1:]), []) == items[-1].final.token_ids
 
 
 @pytest.mark.trtllm
 async def test_gpu_streaming_equals_unary(gpu_engine):
     e, prompt = gpu_engine, gpu_prompt(gpu_engine)
-    chunks = [c async for c in e.generate(prompt, GREEDY, StopParams(step_boundary=""), "t", CancelToken())]
+    whole = request(prompt, GREEDY, StopParams(step_boundary=""), session="t")
+    chunks = [c async for c in e.generate(whole, CancelToken())]
     final = chunks[-1].final
     assert sum((c.token_ids for c in chunks), []) == final.token_ids
     assert "".join(c.text for c in chunks) == final.text
-    unary = await e.generate_full(prompt, GREEDY, StopParams(step_boundary=""), "t", CancelToken())
+    unary = await e.generate_full(whole, CancelToken())
     assert unary.token_ids == final.token_ids and unary.usage.cached_tokens >= 0
+
+
+async def test_extend_prefills_the_prefix_so_the_next_call_finds_it_cached(make_engine):
+    engine, llm = await make_engine({1: 2, 2: 5})
+    before = len(llm.history)
+    ext = await engine.extend([1, 2, 8, 7], "s", CancelToken())
+    assert len(llm.history) == before + 1 and llm.requests[-1].p.max_tokens == 1  # one throwaway token
+    assert ext.usage.prompt_tokens == 4 and ext.usage.generated_tokens == 0
+    gen = await engine.generate_full(request([1, 2, 8, 7, 3]), CancelToken())
+    assert gen.usage.cached_tokens == 4  # the block cache kept what Extend prefilled

@@ -15,9 +15,11 @@ import pytest
 
 from services.worker.backends import trtllm_limits as lim
 from services.worker.backends import trtllm_mapping as m
-from services.worker.logits_engine import TokenModel
+from services.worker.batch import BatchModel
+from services.worker.scheduler import Scheduler
 from services.worker.stepcut import StepCutter
-from services.worker.types import ChatMessage, FinishReason, SamplingParams, Timings, Usage
+from services.worker.types import (ChatMessage, Decision, EntropyMethod, FinishReason, Gate, Generation, Glimpse,
+                                  SamplingParams, Timings, Usage)
 
 
 @dataclass
@@ -113,17 +115,37 @@ def test_hf_vocab_bytes_added_tokens_and_padded_rows():
     assert out[-3:] == [b"", b"", b""]  # embedding rows past the tokenizer
 
 
-def test_fingerprint_matches_token_model_scheme():
-    class Fake(TokenModel):
-        vocab_size, eos_token_ids, bos_token_id = len(VOCAB), (0, 7), -1
+class FingerprintOnly(BatchModel):
+    """A logits-level backend over VOCAB that is never asked to evaluate anything."""
 
-        def token_bytes(self, token_id):
-            return VOCAB[token_id]
+    model_id, backend, context_length, n_seq, n_batch = "fake", "fake", 64, 1, 8
+    vocab_size, eos_token_ids, bos_token_id = len(VOCAB), (0, 7), -1
 
-        prefill = decode = tokenize = chat_template_text = None
+    def token_bytes(self, token_id):
+        return VOCAB[token_id]
 
-    Fake.__abstractmethods__ = frozenset()
-    assert m.tokenizer_fingerprint(VOCAB, (7, 0), -1) == Fake().tokenizer_fingerprint()
+    def tokenize(self, text, add_bos):
+        return []
+
+    def chat_template_text(self, messages, add_generation_prompt):
+        return None
+
+    def decode(self, *args):
+        raise AssertionError("nothing is evaluated, cut, saved or loaded")
+
+    keep = save = load = decode
+
+
+async def test_fingerprint_matches_the_scheduler_backends():
+    """Workers on the same tokenizer must advertise the same fingerprint whichever backend
+    serves them: TRT's equals what the scheduler (llama.cpp, sim) puts in its ModelInfo,
+    and the order of the EOS ids does not matter."""
+    engine = Scheduler(FingerprintOnly())
+    try:
+        advertised = engine.info.tokenizer_fingerprint
+    finally:
+        await engine.close()
+    assert m.tokenizer_fingerprint(VOCAB, (7, 0), -1) == advertised == FingerprintOnly().tokenizer_fingerprint()
     assert m.tokenizer_fingerprint(VOCAB, (0,), -1) != m.tokenizer_fingerprint(VOCAB, (0, 7), -1)
 
 
@@ -272,6 +294,47 @@ def test_sampled_token_and_entropies():
     assert m.entropies(rows, 5, 2, 1, 2) == pytest.approx([entropy_of([-0.1, -2.4])])  # a per-delta list
     assert m.entropies(rows, 1, 1, 1, 2) == pytest.approx([math.log(2)])  # cumulative
     assert m.entropies(None, 0, 3, 3, 2) == []
+
+
+# ---- a Step -------------------------------------------------------------------------
+
+
+def glimpse_with(entropy_top_k, entropy_full=-1.0, usage=None, timings=None):
+    return Glimpse(3, ".", entropy_full, entropy_top_k, [], usage or Usage(), timings or Timings())
+
+
+def test_decide_escalates_at_or_above_the_threshold_by_the_gates_method():
+    g = glimpse_with(1.0, entropy_full=2.5)
+    assert m.decide(g, Gate(EntropyMethod.TOP_K, 1.5)).decision is Decision.KEEP
+    assert m.decide(g, Gate(EntropyMethod.TOP_K, 1.0)).decision is Decision.ESCALATE  # at: escalates
+    d = m.decide(g, Gate(EntropyMethod.FULL, 2.0))
+    assert (d.decision, d.entropy, d.glimpse) == (Decision.ESCALATE, 2.5, g)
+    assert m.decide(g, Gate()).decision is Decision.KEEP  # the default threshold keeps everything
+    lim.check_gate(EntropyMethod.TOP_K, False)
+    lim.check_gate(EntropyMethod.FULL, True)
+    with pytest.raises(ValueError, match="--trtllm-exact-entropy"):
+        lim.check_gate(EntropyMethod.FULL, False)
+
+
+def test_a_kept_step_starts_from_the_sampled_token_the_argmax_or_nothing():
+    assert m.step_first_tokens(True, False, 2, [7], "length", 0) == [7]  # sampled in the glimpse request
+    assert m.step_first_tokens(True, True, 2, [2], "length", 0) == [2]
+    assert m.step_first_tokens(True, False, 2, [], "stop", 0) == [0]  # ended on the end id, unreported
+    assert m.step_first_tokens(False, True, 2, [9], "length", 0) == [2]  # greedy: the glimpse's argmax
+    assert m.step_first_tokens(False, False, 2, [9], "length", 0) == []  # regenerated from the boundary
+    with pytest.raises(ValueError):
+        m.step_first_tokens(True, False, 2, [], "length", 0)
+
+
+def test_step_generation_takes_the_glimpses_usage_and_queue():
+    g = glimpse_with(0.5, usage=Usage(10, 6, 4, 0), timings=Timings(3.0, 5.0, 0.0, 8.0))
+    gen = Generation([1, 2], "ab", FinishReason.STEP_END, Usage(11, 11, 0, 2), Timings(2.0, 20.0, 7.0, 30.0))
+    out = m.step_generation(g, gen)
+    assert out.usage == Usage(10, 6, 4, 2)
+    assert out.timings == Timings(5.0, 17.0, 7.0, 30.0)
+    assert (out.token_ids, out.text, out.finish_reason) == ([1, 2], "ab", FinishReason.STEP_END)
+    assert gen.usage == Usage(11, 11, 0, 2) and gen.timings.queue_ms == 2.0  # a new Generation
+    assert m.step_generation(glimpse_with(0.5, timings=Timings(50.0)), gen).timings.prefill_ms == 0.0
 
 
 def test_usage_clips_cached_tokens():
@@ -463,6 +526,16 @@ def test_queue_time_from_perf_metrics():
     assert m.queue_ms(perf(100.0, 100.0125)) == pytest.approx(12.5)
     assert m.queue_ms(perf(100.0, 0.0)) == 0.0  # not scheduled yet
     assert m.queue_ms(None) == 0.0 and m.queue_ms(types.SimpleNamespace(timing_metrics=None)) == 0.0
+
+
+def test_describe_names_the_limits_and_their_defaults():
+    args = lim.llm_kwargs("/m", kv_cache_config=kv(), max_batch_size=64, tensor_parallel_size=2)
+    text = lim.describe(args, 40960, True)
+    assert text == ("context=40960 chunked_prefill=on max_num_tokens=8192(default) max_batch_size=64 "
+                    "exact_entropy=on tensor_parallel=2")
+    args = lim.llm_kwargs("/m", kv_cache_config=kv(), chunked_prefill=False, max_num_tokens=4096)
+    assert lim.describe(args, 4097, False) == ("context=4097 chunked_prefill=off max_num_tokens=4096 "
+                                               "max_batch_size=2048(default) exact_entropy=off tensor_parallel=1")
 
 
 def test_exact_entropy_buffer_estimate():

@@ -195,6 +195,49 @@ def test_bad_step_fields(worker_stub):
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "messages" in err.value.details()
 
 
+def test_an_overflowing_prompt_is_refused_while_other_requests_go_on(worker_stub):
+    prompt = render(worker_stub)
+    req = pb.GenerateRequest(prompt=ids(prompt), sampling=pb.Sampling(max_tokens=40), stop=pb.StopCondition(step_boundary=""),
+                             session_id="goes-on")
+    stream = worker_stub.GenerateStream(req)
+    first = next(stream)  # decoding, in a sequence of the batch
+    with pytest.raises(grpc.RpcError) as err:
+        worker_stub.Step(pb.StepRequest(prompt=ids([1] * 3000), threshold=float("inf"), session_id="too-long"))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "context" in err.value.details()
+    rest = list(stream)
+    assert len(first.token_ids) + sum(len(c.token_ids) for c in rest) == 40
+    assert rest[-1].finish_reason == pb.FINISH_REASON_LENGTH
+
+
+def test_extend_catches_a_session_up_and_needs_its_id(worker_stub):
+    prompt = render(worker_stub)
+    worker_stub.Glimpse(pb.GlimpseRequest(prompt=ids(prompt), session_id="catch-up"))
+    more = list(worker_stub.Tokenize(pb.TokenizeRequest(text=" The sky scatters blue light.\n\n")).token_ids)
+    r = worker_stub.Extend(pb.ExtendRequest(prompt=ids(prompt + more), session_id="catch-up"))
+    assert (r.usage.cached_tokens, r.usage.prefilled_tokens) == (len(prompt), len(more))
+    g = worker_stub.Glimpse(pb.GlimpseRequest(prompt=ids(prompt + more + more[:1]), session_id="catch-up"))
+    assert g.usage.cached_tokens == len(prompt + more)
+    with pytest.raises(grpc.RpcError) as err:
+        worker_stub.Extend(pb.ExtendRequest(prompt=ids(prompt)))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "session_id" in err.value.details()
+
+
+def test_step_stream_sends_the_decision_then_the_step(worker_stub):
+    prompt = render(worker_stub)
+    sampling = pb.Sampling(temperature=0.7, seed=5, max_tokens=24)
+    req = pb.StepRequest(prompt=ids(prompt), threshold=float("inf"), sampling=sampling, session_id="stream-a")
+    msgs = list(worker_stub.StepStream(req))
+    head, chunks = msgs[0], [m.chunk for m in msgs[1:]]
+    assert head.decision == pb.STEP_DECISION_KEEP and head.glimpse.usage.prompt_tokens == len(prompt)
+    assert not head.HasField("chunk") and all(not m.HasField("glimpse") for m in msgs[1:])
+    unary = worker_stub.Step(pb.StepRequest(prompt=ids(prompt), threshold=float("inf"), sampling=sampling,
+                                            session_id="stream-b"))
+    assert sum((list(c.token_ids) for c in chunks), []) == list(unary.generation.token_ids)
+    assert chunks[-1].finish_reason == unary.generation.finish_reason
+    escalated = list(worker_stub.StepStream(pb.StepRequest(prompt=ids(prompt), threshold=0.0, session_id="stream-a")))
+    assert len(escalated) == 1 and escalated[0].decision == pb.STEP_DECISION_ESCALATE
+
+
 def _scrape(port: int) -> dict[str, float]:
     import urllib.request
 

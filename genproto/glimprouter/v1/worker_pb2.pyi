@@ -238,6 +238,22 @@ class StepResponse(_message.Message):
     generation: GenerateResponse
     def __init__(self, decision: _Optional[_Union[StepDecision, str]] = ..., entropy: _Optional[float] = ..., glimpse: _Optional[_Union[GlimpseResponse, _Mapping]] = ..., generation: _Optional[_Union[GenerateResponse, _Mapping]] = ...) -> None: ...
 
+class ExtendRequest(_message.Message):
+    __slots__ = ("prompt", "session_id")
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    prompt: Prompt
+    session_id: str
+    def __init__(self, prompt: _Optional[_Union[Prompt, _Mapping]] = ..., session_id: _Optional[str] = ...) -> None: ...
+
+class ExtendResponse(_message.Message):
+    __slots__ = ("usage", "timings")
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    usage: Usage
+    timings: Timings
+    def __init__(self, usage: _Optional[_Union[Usage, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ...) -> None: ...
+
 class StepChunk(_message.Message):
     __slots__ = ("decision", "entropy", "glimpse", "chunk")
     DECISION_FIELD_NUMBER: _ClassVar[int]
@@ -303,7 +319,7 @@ class GenerateChunk(_message.Message):
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., entropies: _Optional[_Iterable[float]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., matched_stop: _Optional[str] = ...) -> None: ...
 
 class MuxCall(_message.Message):
-    __slots__ = ("id", "render_prompt", "tokenize", "glimpse", "step", "generate", "cancel", "timeout_ms", "traceparent", "coalesce_ms")
+    __slots__ = ("id", "render_prompt", "tokenize", "glimpse", "step", "generate", "cancel", "extend", "timeout_ms", "traceparent", "coalesce_ms")
     ID_FIELD_NUMBER: _ClassVar[int]
     RENDER_PROMPT_FIELD_NUMBER: _ClassVar[int]
     TOKENIZE_FIELD_NUMBER: _ClassVar[int]
@@ -311,6 +327,7 @@ class MuxCall(_message.Message):
     STEP_FIELD_NUMBER: _ClassVar[int]
     GENERATE_FIELD_NUMBER: _ClassVar[int]
     CANCEL_FIELD_NUMBER: _ClassVar[int]
+    EXTEND_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
     COALESCE_MS_FIELD_NUMBER: _ClassVar[int]
@@ -321,10 +338,11 @@ class MuxCall(_message.Message):
     step: StepRequest
     generate: GenerateRequest
     cancel: bool
+    extend: ExtendRequest
     timeout_ms: int
     traceparent: str
     coalesce_ms: int
-    def __init__(self, id: _Optional[int] = ..., render_prompt: _Optional[_Union[RenderPromptRequest, _Mapping]] = ..., tokenize: _Optional[_Union[TokenizeRequest, _Mapping]] = ..., glimpse: _Optional[_Union[GlimpseRequest, _Mapping]] = ..., step: _Optional[_Union[StepRequest, _Mapping]] = ..., generate: _Optional[_Union[GenerateRequest, _Mapping]] = ..., cancel: _Optional[bool] = ..., timeout_ms: _Optional[int] = ..., traceparent: _Optional[str] = ..., coalesce_ms: _Optional[int] = ...) -> None: ...
+    def __init__(self, id: _Optional[int] = ..., render_prompt: _Optional[_Union[RenderPromptRequest, _Mapping]] = ..., tokenize: _Optional[_Union[TokenizeRequest, _Mapping]] = ..., glimpse: _Optional[_Union[GlimpseRequest, _Mapping]] = ..., step: _Optional[_Union[StepRequest, _Mapping]] = ..., generate: _Optional[_Union[GenerateRequest, _Mapping]] = ..., cancel: _Optional[bool] = ..., extend: _Optional[_Union[ExtendRequest, _Mapping]] = ..., timeout_ms: _Optional[int] = ..., traceparent: _Optional[str] = ..., coalesce_ms: _Optional[int] = ...) -> None: ...
 
 class MuxRequest(_message.Message):
     __slots__ = ("calls",)
@@ -341,7 +359,7 @@ class MuxStatus(_message.Message):
     def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class MuxResult(_message.Message):
-    __slots__ = ("id", "render_prompt", "tokenize", "glimpse", "step", "chunk", "error", "last")
+    __slots__ = ("id", "render_prompt", "tokenize", "glimpse", "step", "chunk", "error", "extend", "last")
     ID_FIELD_NUMBER: _ClassVar[int]
     RENDER_PROMPT_FIELD_NUMBER: _ClassVar[int]
     TOKENIZE_FIELD_NUMBER: _ClassVar[int]
@@ -349,6 +367,7 @@ class MuxResult(_message.Message):
     STEP_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    EXTEND_FIELD_NUMBER: _ClassVar[int]
     LAST_FIELD_NUMBER: _ClassVar[int]
     id: int
     render_prompt: RenderPromptResponse
@@ -357,8 +376,9 @@ class MuxResult(_message.Message):
     step: StepChunk
     chunk: GenerateChunk
     error: MuxStatus
+    extend: ExtendResponse
     last: bool
-    def __init__(self, id: _Optional[int] = ..., render_prompt: _Optional[_Union[RenderPromptResponse, _Mapping]] = ..., tokenize: _Optional[_Union[TokenizeResponse, _Mapping]] = ..., glimpse: _Optional[_Union[GlimpseResponse, _Mapping]] = ..., step: _Optional[_Union[StepChunk, _Mapping]] = ..., chunk: _Optional[_Union[GenerateChunk, _Mapping]] = ..., error: _Optional[_Union[MuxStatus, _Mapping]] = ..., last: _Optional[bool] = ...) -> None: ...
+    def __init__(self, id: _Optional[int] = ..., render_prompt: _Optional[_Union[RenderPromptResponse, _Mapping]] = ..., tokenize: _Optional[_Union[TokenizeResponse, _Mapping]] = ..., glimpse: _Optional[_Union[GlimpseResponse, _Mapping]] = ..., step: _Optional[_Union[StepChunk, _Mapping]] = ..., chunk: _Optional[_Union[GenerateChunk, _Mapping]] = ..., error: _Optional[_Union[MuxStatus, _Mapping]] = ..., extend: _Optional[_Union[ExtendResponse, _Mapping]] = ..., last: _Optional[bool] = ...) -> None: ...
 
 class MuxReply(_message.Message):
     __slots__ = ("results",)

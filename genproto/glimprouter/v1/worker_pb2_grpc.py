@@ -74,6 +74,11 @@ class ModelWorkerStub:
                 request_serializer=glimprouter_dot_v1_dot_worker__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=glimprouter_dot_v1_dot_worker__pb2.GenerateChunk.FromString,
                 _registered_method=True)
+        self.Extend = channel.unary_unary(
+                '/glimprouter.v1.ModelWorker/Extend',
+                request_serializer=glimprouter_dot_v1_dot_worker__pb2.ExtendRequest.SerializeToString,
+                response_deserializer=glimprouter_dot_v1_dot_worker__pb2.ExtendResponse.FromString,
+                _registered_method=True)
         self.Multiplex = channel.stream_stream(
                 '/glimprouter.v1.ModelWorker/Multiplex',
                 request_serializer=glimprouter_dot_v1_dot_worker__pb2.MuxRequest.SerializeToString,
@@ -146,6 +151,18 @@ class ModelWorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Extend(self, request, context):
+        """Catch-up prefill: make the session's KV state hold this prompt before its
+        next call, at a lower priority than every other request, without reading
+        any logits. Only ever adds: a prompt the state already holds (or extends
+        past) costs nothing; one that diverges keeps the common prefix. It gives
+        way to real requests (usage then shows what it did), and a failed or late
+        one only means the next call prefills what is missing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Multiplex(self, request_iterator, context):
         """Many calls over one long-lived stream, for routers. A call's start and end
         cost a gRPC client more CPU than a router spends on a step, and so does each
@@ -200,6 +217,11 @@ def add_ModelWorkerServicer_to_server(servicer, server):
                     servicer.GenerateStream,
                     request_deserializer=glimprouter_dot_v1_dot_worker__pb2.GenerateRequest.FromString,
                     response_serializer=glimprouter_dot_v1_dot_worker__pb2.GenerateChunk.SerializeToString,
+            ),
+            'Extend': grpc.unary_unary_rpc_method_handler(
+                    servicer.Extend,
+                    request_deserializer=glimprouter_dot_v1_dot_worker__pb2.ExtendRequest.FromString,
+                    response_serializer=glimprouter_dot_v1_dot_worker__pb2.ExtendResponse.SerializeToString,
             ),
             'Multiplex': grpc.stream_stream_rpc_method_handler(
                     servicer.Multiplex,
@@ -423,6 +445,33 @@ class ModelWorker:
             '/glimprouter.v1.ModelWorker/GenerateStream',
             glimprouter_dot_v1_dot_worker__pb2.GenerateRequest.SerializeToString,
             glimprouter_dot_v1_dot_worker__pb2.GenerateChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Extend(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/glimprouter.v1.ModelWorker/Extend',
+            glimprouter_dot_v1_dot_worker__pb2.ExtendRequest.SerializeToString,
+            glimprouter_dot_v1_dot_worker__pb2.ExtendResponse.FromString,
             options,
             channel_credentials,
             insecure,

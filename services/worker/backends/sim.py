@@ -1,4 +1,4 @@
-"""A simulated TokenModel for load-testing the router: no model compute at all.
+"""A simulated batch model for load-testing the router: no model compute at all.
 
 It writes a scripted chain of thought whose step starts are easy or hard on
 purpose, so the router's decisions, handoffs and throughput can be measured

@@ -3,12 +3,14 @@ the documented API of 1.2.x, with fallbacks for 1.0; docs/trtllm.md says what ha
 Decisions that are not engine calls live in `trtllm_mapping` and `trtllm_limits`,
 tested without a GPU.
 
-TRT batches concurrent requests itself (in-flight batching), so unlike LogitsEngine
-nothing is serialised here; queue time is read from each request's perf metrics.
+TRT batches concurrent requests itself (in-flight batching), so this engine does not go
+through the scheduler that batches for llama.cpp and sim (scheduler.py): every call is a
+TRT request of its own, and queue time is read from each request's perf metrics.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import inspect
 import logging
@@ -23,8 +25,8 @@ from services.worker.backends import trtllm_limits as lim
 from services.worker.backends import trtllm_mapping as m
 from services.worker.engine import CancelToken, Engine, EngineError
 from services.worker.stepcut import StepCutter
-from services.worker.types import (ChatMessage, Chunk, Decision, EntropyMethod, FinishReason, Generation,
-                                  Glimpse, ModelInfo, SamplingParams, StepResult, StopParams, Timings)
+from services.worker.types import (ChatMessage, Chunk, Decided, Decision, Extension, FinishReason, Gate, GenerateRequest,
+                                  Generation, Glimpse, ModelInfo, SamplingParams, StopParams, Timings)
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +165,9 @@ class TrtLlmEngine(Engine):
                      "(max_batch_size x vocab x 4 bytes, an estimate; lower --trtllm-max-batch-size to shrink)",
                      self.info.model_id, mib)
 
+    def describe(self) -> str:
+        return lim.describe(self._llm_args, self.info.context_length, self._exact)
+
     # ---- lifecycle -------------------------------------------------------------
     async def start(self) -> None:
         if self._llm is None:
@@ -202,7 +207,8 @@ class TrtLlmEngine(Engine):
     ) -> tuple[list[int], str]:
         template = self._apply_template if self.info.has_chat_template else None
         text = m.render_chat(template, messages, add_generation_prompt, continue_final_message)
-        # A rendered template carries its own BOS; plain joined text gets one like LogitsEngine.
+        # A rendered template carries its own BOS; plain joined text gets one, as the
+        # scheduler's backends give it (services/worker/prompts.py).
         return self.tokenize(text, add_bos=template is None), text
 
     def _apply_template(self, msgs: list[dict], add_generation_prompt: bool) -> str:
@@ -271,17 +277,32 @@ class TrtLlmEngine(Engine):
         except ValueError as exc:
             raise EngineError(str(exc)) from exc
 
+    async def extend(self, prompt: list[int], session_id: str, cancel: CancelToken) -> Extension:
+        """Catch-up prefill: a one-token request for the prefix, whose output is thrown
+        away. TRT's KV block reuse keeps the prefix's blocks, so the session's next
+        real call finds them cached (enable_block_reuse; blocks are shared by content,
+        not by session, and may be evicted under memory pressure like any cached block)."""
+        started = time.perf_counter()
+        params = self._params(self._sampling_kwargs(None, max_tokens=1, ignore_eos=True))
+        out = await self._one_token(prompt, params, cancel)
+        usage = m.usage(len(prompt), getattr(out, "cached_tokens", 0), 0)
+        ms = (time.perf_counter() - started) * 1e3
+        queue = m.queue_ms(getattr(out.outputs[0], "request_perf_metrics", None))
+        return Extension(usage, Timings(queue, max(0.0, ms - queue), 0.0, ms))
+
     async def glimpse(self, prompt: list[int], top_k: int, session_id: str, cancel: CancelToken) -> Glimpse:
         started = time.perf_counter()
         out = await self._one_token(prompt, self._one_token_params(None, top_k), cancel)
         return self._to_glimpse(out, top_k, len(prompt), started)
 
-    async def step(
-        self, prompt: list[int], method: EntropyMethod, threshold: float, top_k: int,
-        sampling: SamplingParams, stop: StopParams, session_id: str, cancel: CancelToken,
-    ) -> StepResult:
-        if method is EntropyMethod.FULL and not self._exact:
-            raise EngineError("full-vocabulary entropy needs the worker started with --trtllm-exact-entropy")
+    async def step(self, req: GenerateRequest, gate: Gate, cancel: CancelToken) -> AsyncIterator[Decided | Chunk]:
+        """The Decided as soon as the one-token request has decided, then (on KEEP) the
+        step's chunks as TRT streams them, starting with the token already sampled."""
+        sampling, top_k = req.sampling, req.top_k
+        try:
+            lim.check_gate(gate.method, self._exact)
+        except ValueError as exc:
+            raise EngineError(str(exc)) from exc
         if not self._exact:
             self._check_logprobs(top_k, glimpse=True)  # before any fallback: both paths need them
         started = time.perf_counter()
@@ -295,33 +316,30 @@ class TrtLlmEngine(Engine):
             single, path = False, lim.StepPath.REFUSED
             params = self._one_token_params(None, top_k)
         STEPS.labels(self.info.model_id, path.value).inc()
+        prompt = list(req.prompt)
         out = await self._one_token(prompt, params, cancel)
         g = self._to_glimpse(out, top_k, len(prompt), started)
-        value = g.entropy(method)
-        if value >= threshold:
-            return StepResult(Decision.ESCALATE, value, g)
-        if single:
-            seq = out.outputs[0]
-            first = [m.sampled_token(seq.token_ids, seq.finish_reason, self._end_id)]
-        else:
-            # Greedy: the glimpse's argmax is the first token. Sampled without raw
-            # logprobs: regenerate from the boundary, as the paper's reference does.
-            first = [g.token_id] if sampling.greedy else []
-        gen: Generation | None = None
-        async for chunk in self._stream(prompt, sampling, stop, cancel, False, top_k, first, started):
-            gen = chunk.final or gen
-        assert gen is not None
-        gen.usage = dataclasses.replace(g.usage, generated_tokens=gen.usage.generated_tokens)
-        # The stream's time to first token counts from the step's start, glimpse included.
-        gen.timings.queue_ms += g.timings.queue_ms
-        gen.timings.prefill_ms = max(0.0, gen.timings.prefill_ms - g.timings.queue_ms)
-        return StepResult(Decision.KEEP, value, g, gen)
+        decided = m.decide(g, gate)
+        if decided.decision is Decision.ESCALATE:
+            yield decided
+            return
+        seq = out.outputs[0]
+        first = m.step_first_tokens(single, sampling.greedy, g.token_id, seq.token_ids, seq.finish_reason, self._end_id)
+        yield decided
+        # No per-token entropies: StepRequest asks for none, and the first token's
+        # distribution is the glimpse's. Closing this stream (the caller went away)
+        # closes the inner one at once, whose `finally` aborts the TRT request.
+        async with contextlib.aclosing(
+            self._stream(prompt, sampling, req.stop, cancel, False, top_k, first, started)
+        ) as chunks:
+            async for chunk in chunks:
+                if chunk.final is not None:
+                    chunk = dataclasses.replace(chunk, final=m.step_generation(g, chunk.final))
+                yield chunk
 
-    def generate(
-        self, prompt: list[int], sampling: SamplingParams, stop: StopParams, session_id: str,
-        cancel: CancelToken, return_entropies: bool = False, top_k: int = 20,
-    ) -> AsyncIterator[Chunk]:
-        return self._stream(prompt, sampling, stop, cancel, return_entropies, top_k, [], time.perf_counter())
+    def generate(self, req: GenerateRequest, cancel: CancelToken) -> AsyncIterator[Chunk]:
+        return self._stream(list(req.prompt), req.sampling, req.stop, cancel, req.return_entropies, req.top_k, [],
+                            time.perf_counter())
 
     # ---- internals -------------------------------------------------------------------
     def _require_started(self) -> None:

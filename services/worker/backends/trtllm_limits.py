@@ -12,6 +12,7 @@ import enum
 from typing import Any, Mapping
 
 from services.worker.backends import trtllm_mapping as m
+from services.worker.types import EntropyMethod
 
 # TorchLlmArgs defaults (tensorrt_llm/llmapi/llm_args.py, and the LLM API reference of
 # 1.3.0rc7): used only to say what an unset flag means.
@@ -56,6 +57,21 @@ def context_length(llm_args: Mapping[str, Any], config: Mapping[str, Any]) -> in
     if llm_args.get("enable_chunked_prefill"):
         return own
     return min(own, int(llm_args.get("max_num_tokens") or DEFAULT_MAX_NUM_TOKENS) + 1)
+
+
+def describe(llm_args: Mapping[str, Any], context_length: int, exact_entropy: bool) -> str:
+    """Engine.describe(): what the worker runs with, for its start line; an unset limit
+    is shown with TRT's default."""
+
+    def limit(key: str, default: int) -> str:
+        value = llm_args.get(key)
+        return str(value) if value else f"{default}(default)"
+
+    on = {True: "on", False: "off"}
+    return (f"context={context_length} chunked_prefill={on[bool(llm_args.get('enable_chunked_prefill'))]} "
+            f"max_num_tokens={limit('max_num_tokens', DEFAULT_MAX_NUM_TOKENS)} "
+            f"max_batch_size={limit('max_batch_size', DEFAULT_MAX_BATCH_SIZE)} "
+            f"exact_entropy={on[bool(exact_entropy)]} tensor_parallel={llm_args.get('tensor_parallel_size', 1)}")
 
 
 # ---- requests TensorRT-LLM refuses -----------------------------------------------
@@ -130,6 +146,12 @@ class StepPath(str, enum.Enum):
     RAW_LOGPROBS = "one_request_raw_logprobs"  # sampled in the glimpse request; raw logprobs
     NO_LOGPROBS_MODE = "two_requests_no_logprobs_mode"  # glimpse at T=1, then regenerate
     REFUSED = "two_requests_refused"  # TRT refused the one-request parameters
+
+
+def check_gate(method: EntropyMethod, exact_entropy: bool) -> None:
+    """The full-vocabulary entropy exists only with generation logits."""
+    if method is EntropyMethod.FULL and not exact_entropy:
+        raise ValueError("full-vocabulary entropy needs the worker started with --trtllm-exact-entropy")
 
 
 def step_path(greedy: bool, exact_entropy: bool, raw_mode: Any) -> StepPath:
