@@ -259,3 +259,92 @@ def test_worker_sigterm_turns_not_serving_and_drains_the_call_in_flight(stack, f
     assert len(gen.token_ids) == 30 and gen.finish_reason == worker_pb2.FINISH_REASON_LENGTH  # finished, not cut
     assert w.proc.wait(15) == 0
     ch.close()
+
+
+# ---- streaming: a step cut in the middle of its text ----------------------------------------------------
+def _by_step(events, index: int):
+    """The StepStart, StepDelta and stored StepEvent messages of one step, in order."""
+    out = []
+    for e in events:
+        kind = e.WhichOneof("event")
+        if kind in ("step_start", "step_delta", "step") and getattr(e, kind).index == index:
+            out.append((kind, getattr(e, kind)))
+    return out
+
+
+def _cut_mid_step(run: Streamer, worker, timeout: float = 30) -> int:
+    """Kills `worker` once a step has streamed some text but is not stored yet; returns its index."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        for e in list(run.events):
+            if e.HasField("step_delta"):
+                k = e.step_delta.index
+                if not any(x.HasField("step") and x.step.index == k for x in run.events):
+                    worker.kill()  # SIGKILL, with most of the step still to write (8 tokens x 0.2 s)
+                    return k
+        time.sleep(0.005)
+    raise AssertionError(f"no step text arrived: {run.error} {run.events}")
+
+
+def test_a_step_cut_mid_stream_is_written_again_on_another_replica(stack, faults):
+    r = stack.redis()
+    small = stack.sim("sim-small", steps=4)
+    large = [stack.sim("sim-large", steps=4, token_latency_s=0.2) for _ in range(2)]
+    router = stack.router([small.address], [w.address for w in large], r.url, "--stream-interval-ms", "0")
+    stub = stack.stub(router)
+    run = Streamer(stub, pb.ReasonRequest(prompt="Count the pears.", routing=LARGE_ONLY, include_token_ids=True,
+                                          answer_by=pb.ANSWER_BY_NONE), timeout=60)
+    run.start()
+    faults.wait_for(lambda: run.session_id, 20, "the session to start")
+    home = stub.GetSession(pb.GetSessionRequest(session_id=run.session_id)).affinity["large"]
+    cut = _cut_mid_step(run, next(w for w in large if w.address == home))
+    run.join(60)
+    assert run.error is None, run.error
+
+    # The step started again under attempt 2, on the other replica; its earlier text is not what was stored.
+    mine = _by_step(run.events, cut)
+    starts = [m for kind, m in mine if kind == "step_start"]
+    assert [s.attempt for s in starts] == [1, 2], mine
+    second = mine.index(("step_start", starts[1]))
+    deltas = [m for kind, m in mine[second + 1:] if kind == "step_delta"]
+    (stored,) = [m for kind, m in mine if kind == "step"]
+    assert "".join(d.text for d in deltas) == stored.text and [i for d in deltas for i in d.token_ids] == list(stored.token_ids)
+    s = stub.GetSession(pb.GetSessionRequest(session_id=run.session_id), timeout=10)
+    assert [x.index for x in s.steps] == list(range(5)) and s.status == "done"  # each step stored once
+    assert s.affinity["large"] != home
+
+
+def test_a_step_cut_with_no_replica_left_is_not_stored_and_the_resume_writes_it_from_its_start(stack, faults):
+    r = stack.redis()
+    small = stack.sim("sim-small", steps=4)
+    large = stack.sim("sim-large", steps=4, token_latency_s=0.2)
+    router = stack.router([small.address], [large.address], r.url, "--stream-interval-ms", "0")
+    stub = stack.stub(router)
+    prompt = prompt_ids(small.address, "Count the plums.")
+    run = Streamer(stub, pb.ReasonRequest(prompt="Count the plums.", routing=LARGE_ONLY, include_token_ids=True,
+                                          answer_by=pb.ANSWER_BY_NONE), timeout=60)
+    run.start()
+    cut = _cut_mid_step(run, large)
+    run.join(30)
+    assert run.error is not None and run.error.code() == grpc.StatusCode.UNAVAILABLE, run.error
+    sid = run.session_id
+    seen = {s.index: list(s.token_ids) for s in run.steps()}
+    assert cut not in seen and any(k == "step_delta" for k, _ in _by_step(run.events, cut))  # text of it was sent...
+    stored = assert_prefix_is_prompt_and_steps(stub, sid, prompt, seen)
+    assert len(stored.steps) == cut  # ...but the step was not stored
+
+    # The worker is back: the resumed turn starts at the cut step, from its start.
+    stack.sim("sim-large", steps=4, token_latency_s=0.2, port=large.port)
+    faults.wait_for(lambda: faults.health(router.address) == "SERVING", 15, "the router to see the worker again")
+    resumed = Streamer(stub, pb.ReasonRequest(session_id=sid, include_token_ids=True), timeout=60)
+    resumed.run()
+    assert resumed.error is None, resumed.error
+    assert resumed.events[0].started.resumed_steps == cut
+    first = next(e.step_start for e in resumed.events if e.HasField("step_start"))
+    assert (first.index, first.attempt) == (cut, 1)
+    mine = _by_step(resumed.events, cut)
+    (again,) = [m for kind, m in mine if kind == "step"]
+    assert "".join(m.text for kind, m in mine if kind == "step_delta") == again.text
+    seen.update({s.index: list(s.token_ids) for s in resumed.steps()})
+    final = assert_prefix_is_prompt_and_steps(stub, sid, prompt, seen)
+    assert final.status == "done" and len(final.steps) == 5

@@ -345,3 +345,41 @@ async def test_limits_are_clear_errors(redis_url, key_prefix):
     with pytest.raises(LimitExceeded, match="max-session-steps"):
         await _run(core, ReasonRequest(session_id=events[0].session_id, messages=[Message("user", "more")]))
     await store.close()
+
+
+# ---- TTLs: never while worked on, session_ttl after the last write ------------------------------------
+def test_a_session_outlives_its_ttl_while_worked_on_and_expires_ttl_after_its_last_write(spawn, redis_url, key_prefix,
+                                                                                       redis_client):
+    """TTL 1 s, a turn of ~2.5 s: step writes leave the TTLs alone, so only the turn's
+    start and the lease renewals keep the session alive while it is worked on; its
+    last write sets them to the TTL from then."""
+    small = spawn.sim("sim-small", steps=6, token_latency_s=0.05)
+    large = spawn.sim("sim-large", steps=6, token_latency_s=0.05)
+    router = spawn.handle(spawn.router([small.address], [large.address], redis_url, key_prefix, "--session-ttl-s", "1",
+                                       "--lease-ms", "1000", "--lease-renew-ms", "200"))
+    try:
+        run = Streamer(router, pb.ReasonRequest(prompt="Take a while.", answer_by=pb.ANSWER_BY_NONE))
+        run.start()
+        keys = None
+        ttls = []
+        while run.is_alive():  # sampled while the turn runs, well past the 1 s TTL
+            if run.session_id and keys is None:
+                keys = [f"{key_prefix}{{{run.session_id}}}:{part}" for part in ("meta", "log", "prefix:shared")]
+            if keys:
+                ttls.append([redis_client.pttl(k) for k in keys])
+            time.sleep(0.05)
+        run.join()
+        assert run.error is None and run.events[-1].HasField("done")
+        assert len(ttls) > 20 and all(t > 0 for sample in ttls for t in sample), ttls  # never gone, never without a TTL
+        # The last write: session_ttl from then (1000 ms), for every key.
+        assert all(0 < redis_client.pttl(k) <= 1000 for k in keys)
+        s = router.stub.GetSession(pb.GetSessionRequest(session_id=run.session_id))
+        assert s.status == "done" and len(s.steps) == 7
+        deadline = time.monotonic() + 10
+        while any(redis_client.exists(k) for k in keys):
+            assert time.monotonic() < deadline, "the session outlived its TTL"
+            time.sleep(0.1)
+    finally:
+        router.close()
+        small.stop()
+        large.stop()
