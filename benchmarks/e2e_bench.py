@@ -86,6 +86,29 @@ def run(args: argparse.Namespace) -> tuple[ResultsFile, RunOptions, float]:
     return results, opts, wall
 
 
+def latency_lines(by: dict[str, list[dict]], labels) -> list[str]:
+    """Time to first token and inter-token latency, as the client of the stream saw them."""
+    out = ["", "### Time to first token and inter-token latency", "",
+           "| config | problems | TTFT p50 s | TTFT p90 s | ITL p50 ms | ITL p90 ms | ITL mean ms | tokens timed |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for label in labels:
+        rs = [r for r in by[label] if r.get("ttft_s") is not None]
+        if not rs:
+            continue
+        ttft = sorted(r["ttft_s"] for r in rs)
+        gaps = sorted(g for r in rs for g in r.get("itl_s", []))
+        q = lambda xs, p: xs[min(len(xs) - 1, int(p * len(xs)))] if xs else float("nan")  # noqa: E731
+        out.append(f"| {label} | {len(rs)} | {q(ttft, 0.5):.2f} | {q(ttft, 0.9):.2f} | {1e3 * q(gaps, 0.5):.0f} "
+                   f"| {1e3 * q(gaps, 0.9):.0f} | {1e3 * mean(gaps):.0f} | {len(gaps)} |")
+    out += ["", "Measured by the benchmark's client on the router's stream (`services.router.api.client`): TTFT from "
+            "the call to the first text of a step or the answer; ITL per delta, the gap since the previous one over "
+            "the tokens it carries (the router sends a call's first text at once and the rest at most every "
+            "`--stream-interval-ms`, 50 ms: slower than that, as on this CPU, each token comes alone). Glimpse's first "
+            "token comes after a glimpse and, on a hard first step, the large model's prefill; the large model's "
+            "tokens cost more each, so ITL tracks which model writes."]
+    return out
+
+
 def auroc(x) -> str:
     return "n/a (only one class in the sample)" if x is None else f"{x:.3f}"
 
@@ -154,6 +177,7 @@ def section(results: ResultsFile, opts: RunOptions, wall_s: float, args: argpars
                   f"({abs(100 * (1 - ratio)):.0f}% {'less' if ratio < 1 else 'more'}) with "
                   f"{100 * g['large_share']:.0f}% of steps on the large model; accuracy "
                   f"{100 * g['accuracy']:.1f}% against {100 * lo['accuracy']:.1f}% on the same {g['n']} problems."]
+    lines += latency_lines(by, (fused, large, separate))
     lines += ["", "### Measured against the ideal", ""]
     if len(speed) == 2:
         spread = {role: (min(c[role]["ms_per_token"] for c in cals), max(c[role]["ms_per_token"] for c in cals))

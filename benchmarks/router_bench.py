@@ -1,13 +1,25 @@
 """`make bench-router`: what the router itself costs per step.
 
-Two zero-latency sim workers, a private Redis and one router process; a client
-runs N concurrent sessions over ReasonStream (N = 1, 16, 64, 256). Every step event
-carries the router's wall time for the step and the part it spent awaiting worker
-calls, so router overhead per step = latency_ms - worker_ms (policy, bookkeeping,
-the Redis write and event-loop waits; the workers' own time is excluded).
-Also: steps per second, the router process's CPU time per step, and Redis
-commands per step (INFO commandstats deltas: all commands including the ones a
-Lua script runs, and round trips = script calls plus plain commands).
+Two zero-latency sim workers (--parallel 256: every session in flight decodes in
+one batch, none queues at the worker), a private Redis and one router process; a
+client keeps N ReasonStream sessions in flight (N = 1, 16, 64, 256), each session
+6 steps of 8 tokens, the </think> step and a 4-token answer, steps 1 and 3 hard,
+policy glimpse (fused).
+
+Per level: the router process's CPU time (user + system, all its threads) over
+the steps it streamed; Redis commands per step (INFO commandstats, the commands a
+script runs included) and Redis round trips per step (the router's own count: a
+round trip carries the script calls that piled up); gRPC messages per step on the
+router's streams (to clients; to and from the workers' Multiplex streams); the
+router's overhead per step as each step reports it (wall time minus the time it
+waited for workers: policy, bookkeeping, the Redis write and event-loop waits).
+
+Then, at 64 sessions, the same with sessions of 30 steps: the two runs give the
+CPU per session (set-up, answer, Started/Done) and the CPU per additional step,
+so the figure does not depend on how long the bench's sessions are.
+
+`--profile DIR` records the router with py-spy during each level and prints its
+top costs (a profiled run's CPU figures are not comparable).
 """
 from __future__ import annotations
 
@@ -16,6 +28,7 @@ import asyncio
 import os
 import statistics
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -29,6 +42,7 @@ from services.common import procs, redis_local
 
 LEVELS = (1, 16, 64, 256)
 COMMAND = "make bench-router"
+LONG = 30  # steps of the long sessions (before the </think> step)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -42,9 +56,7 @@ def command_counts(r: redis.Redis) -> dict[str, int]:
 
 
 def router_metrics(port: int) -> dict[str, float]:
-    """The router's Prometheus counters (name{labels} -> value)."""
-    import urllib.request
-
+    """The router's Prometheus samples (name{labels} -> value)."""
     out = {}
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
         for line in r.read().decode().splitlines():
@@ -62,17 +74,16 @@ def pct(xs: list[float], q: float) -> float:
 async def one_session(stub, overheads: list[float], policy: str) -> int:
     steps = 0
     req = pb.ReasonRequest(prompt="What is 2 + 3?", routing=pb.RoutingOptions(policy=policy))
-    async for batch in stub.ReasonStream(req, timeout=30):
-        for ev in batch.events:
-            if not ev.HasField("step"):
-                continue
-            overheads.append((ev.step.latency_ms - ev.step.worker_ms) * 1000.0)
-            steps += 1
+    async for batch in stub.ReasonStream(req, timeout=120):
+        for ev in batch.events:  # the events that piled up at the router since its last message
+            if ev.HasField("step"):
+                overheads.append((ev.step.latency_ms - ev.step.worker_ms) * 1000.0)
+                steps += 1
     return steps
 
 
 async def bare_rpc_us(address: str, n: int = 500) -> float:
-    """Client CPU of the cheapest unary call: the floor under every worker call."""
+    """Client CPU of the cheapest unary call: the floor under every gRPC call."""
     from glimprouter.v1 import worker_pb2, worker_pb2_grpc
 
     async with grpc.aio.insecure_channel(address) as ch:
@@ -89,7 +100,6 @@ async def run_level(address: str, concurrency: int, sessions: int, policy: str) 
     overheads: list[float] = []
     async with grpc.aio.insecure_channel(address) as ch:
         stub = router_pb2_grpc.RouterStub(ch)
-        warm = await one_session(stub, [], policy)  # warm up connections and caches
         queue = list(range(sessions))
         total = 0
 
@@ -98,133 +108,192 @@ async def run_level(address: str, concurrency: int, sessions: int, policy: str) 
             while queue:
                 queue.pop()
                 steps = await one_session(stub, overheads, policy)
-                total += steps
+                total += steps  # (not `total += await ...`: that reads `total` before the await)
 
         t0 = time.perf_counter()
         await asyncio.gather(*(client() for _ in range(concurrency)))
         wall = time.perf_counter() - t0
-    return {"steps": total, "warm_steps": warm, "wall": wall, "overheads": overheads}
+    return {"steps": total, "wall": wall, "overheads": overheads}
+
+
+class Bench:
+    """A private Redis, two sim workers and a router, for one session shape."""
+
+    def __init__(self, steps: int, router_args: list[str]) -> None:
+        self.rs = redis_local.start_private()
+        self.r = redis.Redis(port=self.rs.port)
+        self.services: list[procs.Service] = []
+        try:
+            sim = ["services.worker", "--backend", "sim", "--model", "sim", "--port", "0", "--sim-hard-steps", "1,3",
+                   "--sim-steps", str(steps), "--parallel", "256"]
+            self.small = self._start("worker", sim + ["--model-id", "sim-small"])
+            self.large = self._start("worker", sim + ["--model-id", "sim-large"])
+            self.router = self._start("router", [
+                "services.router", "--port", "0", "--small", self.small.address, "--large", self.large.address,
+                "--redis-url", self.rs.url, "--key-prefix", "bench:", "--max-concurrent", "1024", "--metrics-port", "0",
+                *router_args])
+        except BaseException:
+            self.close()
+            raise
+        self.metrics_port = int(self.router.ready_fields["metrics_port"])
+
+    def _start(self, name: str, argv: list[str]) -> procs.Service:
+        svc = procs.start(name, argv, timeout=60)
+        self.services.append(svc)
+        return svc
+
+    def measure(self, n: int, sessions: int, policy: str, profile_dir: str | None = None, native: bool = False) -> dict:
+        asyncio.run(run_level(self.router.address, min(n, 8), 8, policy))  # warm up connections and caches
+        rec = profile.Recording(self.router.proc.pid, Path(profile_dir) / f"router-{n}.txt", native=native) if profile_dir else None
+        pid = self.router.proc.pid
+        c0, cpu0, m0 = command_counts(self.r), cpu_seconds(pid), router_metrics(self.metrics_port)
+        res = asyncio.run(run_level(self.router.address, n, sessions, policy))
+        c1, cpu1, m1 = command_counts(self.r), cpu_seconds(pid), router_metrics(self.metrics_port)
+        row: dict = {}
+        if rec is not None:
+            row["profile"] = profile.top(rec.stop())
+        steps = res["steps"]
+        cmds = {k: c1.get(k, 0) - c0.get(k, 0) for k in c1}
+        dm = {k: m1.get(k, 0) - m0.get(k, 0) for k in m1}
+
+        def msgs(stream: str, direction: str) -> float:
+            return dm.get(f'glimprouter_router_grpc_messages_total{{direction="{direction}",stream="{stream}"}}', 0) / steps
+
+        ov = res["overheads"]
+        row.update({
+            "n": n, "sessions": sessions, "steps": steps, "cpu_s": cpu1 - cpu0,
+            "p50": pct(ov, 0.5), "p99": pct(ov, 0.99), "mean": statistics.fmean(ov),
+            "sps": steps / res["wall"], "cpu_us": (cpu1 - cpu0) / steps * 1e6,
+            "cmds": sum(v for k, v in cmds.items() if k != "cmdstat_info") / steps,
+            "scripts": sum(v for k, v in cmds.items() if k in ("cmdstat_evalsha", "cmdstat_eval")) / steps,
+            "trips": dm.get("glimprouter_router_redis_round_trips_total", 0) / steps,
+            "to_client": msgs("reason", "sent"), "to_workers": msgs("multiplex", "sent"),
+            "from_workers": msgs("multiplex", "received"),
+        })
+        return row
+
+    def close(self) -> None:
+        for svc in reversed(self.services):
+            svc.stop()
+        self.rs.stop()
+
+
+def line(row: dict) -> str:
+    return (f"{row['n']:>4} sessions: router CPU {row['cpu_us']:.0f} us/step, overhead p50 {row['p50']:.0f} us "
+            f"p99 {row['p99']:.0f} us, {row['sps']:.0f} steps/s, redis {row['cmds']:.1f} cmds/step "
+            f"({row['scripts']:.2f} script calls, {row['trips']:.2f} round trips), grpc messages/step: "
+            f"to clients {row['to_client']:.2f}, to workers {row['to_workers']:.2f}, from workers {row['from_workers']:.2f}")
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--levels", default=",".join(map(str, LEVELS)))
-    ap.add_argument("--sessions-per-client", type=int, default=4, help="sessions each concurrent client runs (min 64 sessions per level)")
+    ap.add_argument("--sessions-per-client", type=int, default=4, help="sessions each concurrent client runs (at least 64 per level)")
     ap.add_argument("--policy", default="glimpse")
-    ap.add_argument("--sim-steps", type=int, default=6, help="steps of each session before its </think> step")
-    ap.add_argument("--router-args", default="", help="extra router flags, e.g. \"--event-loop asyncio\"")
+    ap.add_argument("--split-at", type=int, default=64,
+                    help="concurrency at which sessions of 30 steps are also run, to split CPU per step from CPU per session (0: skip)")
+    ap.add_argument("--router-args", default="", help="extra router flags, e.g. \"--stream-interval-ms 0\"")
     ap.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
-    ap.add_argument("--profile", metavar="DIR", help="also record the router with py-spy during each level (raw stacks in DIR) "
+    ap.add_argument("--profile", metavar="DIR", help="record the router with py-spy during each level (raw stacks in DIR) "
                     "and print its top costs; the CPU figures of a profiled run are not comparable")
-    ap.add_argument("--native", action="store_true", help="with --profile: C frames too (grpc core, protobuf)")
+    ap.add_argument("--native", action="store_true", help="with --profile: C frames too (pauses the router while sampling)")
     args = ap.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
+    router_args = args.router_args.split()
 
+    bench = Bench(6, router_args)
+    rows = []
     try:
-        rs = redis_local.start_private()
-    except RuntimeError as exc:
-        raise SystemExit(str(exc)) from None
-    services: list[procs.Service] = []
-    try:
-        r = redis.Redis(port=rs.port)
-        sim = ["services.worker", "--backend", "sim", "--model", "sim", "--port", "0", "--sim-hard-steps", "1,3",
-               "--sim-steps", str(args.sim_steps),
-               "--parallel", "256"]  # every session in flight decodes in the one batch, none queues
-        small = procs.start("worker", sim + ["--model-id", "sim-small"], timeout=60)
-        large = procs.start("worker", sim + ["--model-id", "sim-large"], timeout=60)
-        services += [small, large]
-        router = procs.start(
-            "router",
-            ["services.router", "--port", "0", "--small", small.address, "--large", large.address,
-             "--redis-url", rs.url, "--key-prefix", "bench:", "--max-concurrent", "1024", "--metrics-port", "0",
-             *args.router_args.split()],
-            timeout=60,
-        )
-        services.append(router)
-        baseline = asyncio.run(bare_rpc_us(small.address))
+        baseline = asyncio.run(bare_rpc_us(bench.small.address))
         print(f"a bare unary gRPC call (GetModelInfo) from Python: {baseline:.0f} us of client CPU", flush=True)
-        rows = []
         for n in levels:
-            sessions = max(64, n * args.sessions_per_client)
-            rec = (profile.Recording(router.proc.pid, Path(args.profile) / f"router-{n}.txt", native=args.native)
-                   if args.profile else None)
-            mport = int(router.ready_fields["metrics_port"])
-            before_cmd, before_cpu, before_m = command_counts(r), cpu_seconds(router.proc.pid), router_metrics(mport)
-            res = asyncio.run(run_level(router.address, n, sessions, args.policy))
-            after_cmd, after_cpu, after_m = command_counts(r), cpu_seconds(router.proc.pid), router_metrics(mport)
-            if rec is not None:
-                top = profile.top(rec.stop())
+            rows.append(bench.measure(n, max(64, n * args.sessions_per_client), args.policy, args.profile, args.native))
+            print(line(rows[-1]), flush=True)
+            if "profile" in rows[-1]:
+                top = rows[-1]["profile"]
                 print(f"py-spy, {n} sessions ({top['samples']} samples):\n{profile.table(top)}", flush=True)
-            delta = {k: after_cmd.get(k, 0) - before_cmd.get(k, 0) for k in after_cmd}
-            steps = res["steps"] + res["warm_steps"]  # the warm-up session's steps are in the CPU and command counts
-            scripts = sum(v for k, v in delta.items() if k in ("cmdstat_evalsha", "cmdstat_eval"))
-            total_cmds = sum(v for k, v in delta.items() if k != "cmdstat_info")
-            dm = {k: after_m.get(k, 0) - before_m.get(k, 0) for k in after_m}
-            msgs = {k.split("{")[1].rstrip("}"): v / steps for k, v in dm.items()
-                    if k.startswith("glimprouter_router_grpc_messages_total{")}
-            trips = dm.get("glimprouter_router_redis_round_trips_total", 0) / steps
-            ov = res["overheads"]
-            rows.append({
-                "n": n, "sessions": sessions, "steps": res["steps"],
-                "p50": pct(ov, 0.5), "p99": pct(ov, 0.99), "mean": statistics.fmean(ov),
-                "sps": res["steps"] / res["wall"], "cpu_us": (after_cpu - before_cpu) / steps * 1e6,
-                "cmds": total_cmds / steps, "scripts": scripts / steps, "trips": trips,
-                "to_client": msgs.get('direction="sent",stream="reason"', 0),
-                "mux_sent": msgs.get('direction="sent",stream="multiplex"', 0),
-                "mux_received": msgs.get('direction="received",stream="multiplex"', 0),
-            })
-            row = rows[-1]
-            print(f"{n:>4} sessions: overhead p50 {row['p50']:.0f} us p99 {row['p99']:.0f} us, "
-                  f"{row['sps']:.0f} steps/s, router CPU {row['cpu_us']:.0f} us/step, "
-                  f"redis {row['cmds']:.1f} cmds/step ({row['scripts']:.2f} scripts, {row['trips']:.2f} round trips/step), "
-                  f"grpc messages/step: to clients {row['to_client']:.2f}, to workers {row['mux_sent']:.2f}, "
-                  f"from workers {row['mux_received']:.2f}", flush=True)
     finally:
-        for svc in reversed(services):
-            svc.stop()
-        rs.stop()
+        bench.close()
+    split = None
+    if args.split_at:
+        short = next((r for r in rows if r["n"] == args.split_at), None)
+        bench = Bench(LONG, router_args)
+        try:
+            long_row = bench.measure(args.split_at, max(64, args.split_at * 2), args.policy)
+            print(f"sessions of {LONG + 1} steps: " + line(long_row), flush=True)
+        finally:
+            bench.close()
+        if short is None:
+            bench = Bench(6, router_args)
+            try:
+                short = bench.measure(args.split_at, max(64, args.split_at * args.sessions_per_client), args.policy)
+            finally:
+                bench.close()
+        # CPU = per_session * sessions + per_step * steps, from the two shapes.
+        a = (short["cpu_s"], short["sessions"], short["steps"])
+        b = (long_row["cpu_s"], long_row["sessions"], long_row["steps"])
+        det = a[1] * b[2] - b[1] * a[2]
+        per_step = (a[1] * b[0] - b[1] * a[0]) / det
+        per_session = (a[0] - per_step * a[2]) / a[1]
+        split = {"long": long_row, "per_step_us": per_step * 1e6, "per_session_us": per_session * 1e6}
+        print(f"at {args.split_at} sessions: {split['per_step_us']:.0f} us of router CPU per step, "
+              f"{split['per_session_us']:.0f} us per session", flush=True)
 
-    table = ["| concurrent sessions | steps | overhead p50 (µs) | overhead p99 (µs) | steps/s | router CPU (µs/step) | Redis commands/step (in scripts too) | Redis round trips/step |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for row in rows:
-        table.append(f"| {row['n']} | {row['steps']} | {row['p50']:.0f} | {row['p99']:.0f} | {row['sps']:.0f} | "
-                     f"{row['cpu_us']:.0f} | {row['cmds']:.1f} | {row['scripts']:.2f} |")
-    at64 = next((row for row in rows if row["n"] == 64), None)
-    if at64 is None:
-        goal = "not measured in this run"
-    elif at64["p50"] < 1000:
-        goal = "met"
+    body = report(rows, split, baseline, args)
+    if args.no_write:
+        print(body)
     else:
-        goal = (f"not met on this machine ({at64['p50'] / 1000:.1f} ms at 64 sessions; "
-                f"{rows[0]['p50'] / 1000:.2f} ms at {rows[0]['n']} session(s))")
-    body = f"""## Router
+        print(f"wrote {write_section('router', body)}")
+    return 0
 
-`{COMMAND}` (`python -m benchmarks.router_bench`): one router process, two zero-latency
-`sim` workers (6 steps of 8 tokens plus the `</think>` step and a 4-token answer per
-session, steps 1 and 3 hard), a private Redis, policy `{args.policy}` in fused mode. A
-client keeps N ReasonStream sessions in flight. Overhead per step = the router's wall
-time for the step minus the time it awaited worker calls (so it holds policy work,
-protobuf, the Redis write and event-loop waits, not the workers' time). Router CPU is
-the router process's user+system time divided by steps (answer generation included).
-Redis commands count what the Lua scripts run as well; round trips are script calls
-(one per step, plus lease renewals and session create/load).
+
+def report(rows: list[dict], split: dict | None, baseline: float, args) -> str:
+    table = ["| concurrent sessions | steps | router CPU (µs/step) | overhead p50 (µs) | overhead p99 (µs) | steps/s "
+             "| Redis commands/step | Redis round trips/step | gRPC msgs/step to clients | to workers | from workers |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        table.append(f"| {r['n']} | {r['steps']} | {r['cpu_us']:.0f} | {r['p50']:.0f} | {r['p99']:.0f} | {r['sps']:.0f} | "
+                     f"{r['cmds']:.1f} | {r['trips']:.2f} | {r['to_client']:.2f} | {r['to_workers']:.2f} | {r['from_workers']:.2f} |")
+    extra = " " + args.router_args if args.router_args else ""
+    goal = ""
+    at64 = next((r for r in rows if r["n"] == 64), None)
+    if at64 is not None:
+        met = "met" if at64["cpu_us"] <= 1000 else "not met"
+        goal = f"The goal, router CPU per step <= 1.0 ms at 64 sessions, is {met} at this shape ({at64['cpu_us'] / 1000:.2f} ms)"
+        if split is not None:
+            goal += (f"; per additional step it is {split['per_step_us'] / 1000:.2f} ms, with "
+                     f"{split['per_session_us'] / 1000:.2f} ms per session on top")
+        goal += "."
+    split_text = ""
+    if split is not None:
+        lr = split["long"]
+        split_text = f"""
+Per step and per session, at {args.split_at} sessions: the same with sessions of {LONG + 1} steps
+({lr['cpu_us']:.0f} µs/step, {lr['to_client']:.2f} messages to clients per step) against the table's
+{args.split_at}-session row gives **{split['per_step_us']:.0f} µs of router CPU per additional step and
+{split['per_session_us']:.0f} µs per session** (the call itself, its set-up in Redis and on the workers,
+Started, the answer and Done).
+"""
+    return f"""## Router
+
+`{COMMAND}` (`python -m benchmarks.router_bench{extra}`): one router process, two zero-latency
+`sim` workers (`--parallel 256`), a private Redis, policy `{args.policy}` in fused mode; a client keeps
+N ReasonStream sessions in flight, each 6 steps of 8 tokens, the `</think>` step and a 4-token answer,
+steps 1 and 3 hard. Router CPU is the router process's user+system time (all threads) over the steps
+it streamed. Redis commands count what the scripts run too; a round trip carries every script call
+that piled up while the previous one was in flight. gRPC messages are the router's own count
+(`glimprouter_router_grpc_messages_total`): to clients on ReasonStream, and on the workers'
+Multiplex streams. Overhead per step = the step's wall time at the router minus the time it
+waited for workers (queueing for a core included).
 
 {chr(10).join(table)}
-
-All processes (client, router, two workers, Redis) share the machine's 2 cores, so at
-high concurrency the overhead includes waiting for a core: the CPU column is the
-router's real cost per step. For scale: on the same machine a bare unary gRPC call
-(GetModelInfo) costs {baseline:.0f} µs of client CPU in grpcio's Python client, and a
-step needs about 1.3 worker calls, one Redis script call (~0.3 ms in redis-py) and one
-streamed event. The issue's goal, p50 overhead under 1 ms per step at 64 sessions, is
-{goal}. More router replicas (they share nothing but Redis) are the way to more
-steps per second; the workers here use more CPU per step than the router.
+{split_text}
+{goal} All processes (client, router, two workers, Redis) share the machine's 2 cores with
+whatever else runs, so the overhead columns include waiting for a core. For scale: a bare unary
+gRPC call (GetModelInfo) costs {baseline:.0f} µs of client CPU in grpcio's Python client here,
+and a streamed message 100-800 µs (the more, the longer its stream was idle: grpcio's poller
+thread wakes), which is why the router batches what it sends.
 """
-    if not args.no_write:
-        print(f"wrote {write_section('router', body)}")
-    else:
-        print(body)
-    return 0
 
 
 if __name__ == "__main__":

@@ -301,8 +301,7 @@ class RouterCore:
                 f"session {sid!r} has an unfinished turn ({meta.status}); resume it by sending no messages, then add a turn"
             )
         state.resumed_steps = len(state.turn_steps)
-        if not await self.store.set_status(sid, lease.token, "running", "", views=lease.views,
-                                           keep_ms=self.store.ttl_ms + self.store.lease_ms):
+        if not await self.store.set_status(sid, lease.token, "running", "", views=lease.views, keep_ms=self.store.keep_ms):
             raise LeaseLost(f"session {sid!r}: this router lost its lease before the turn resumed")
         return state, meta.options
 

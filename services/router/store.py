@@ -15,12 +15,14 @@ all, by the lease holder only, and never twice (a retried write finds the log
 already longer). A step's write is 5 commands (6 in text mode): GET lease, HMGET
 cancel/len, RPUSH, APPEND per view, HSET.
 
-TTLs are not refreshed per step. A turn's first write and every lease renewal set
-them to session_ttl + lease_ms from now; the turn's last write (or the status a
-stopped request leaves) sets them to session_ttl from now. So a session is never
-dropped while a router works on it (it renews while it holds the lease, and it
-can only write while it holds it), and expires between session_ttl and
-session_ttl + lease_ms after its last write.
+TTLs are not refreshed per step. A turn's first write sets them to session_ttl +
+2 x lease_ms from now, and a lease renewal sets them so again once they have
+less than session_ttl + lease_ms left (so at least every lease_ms + renewal
+period, and most renewals leave them alone); the turn's last write (or the
+status a stopped request leaves) sets them to session_ttl from now. So a
+session is never dropped while a router works on it (it renews while it holds
+the lease, and can only write while it holds it), and expires at least
+session_ttl after its last write, at most about session_ttl + 2 x lease_ms.
 
 Script calls of concurrent sessions are sent together (`_Batch`): while one
 pipeline is in flight the next piles up, so under load one round trip carries
@@ -93,16 +95,19 @@ redis.call('ZADD', KEYS[3], tonumber(ARGV[4]) + ttl, ARGV[5])
 return 1
 """
 
-# KEYS: lease, meta, index, log, prefix views...   ARGV: token, lease ms, ttl ms, now ms, session id
-# -> 1 renewed, 0 lost, 2 cancel requested. The session's keys outlive the lease by session_ttl.
+# KEYS: lease, meta, index, log, prefix views...   ARGV: token, lease ms, keep ms, refresh below ms, now ms,
+# session id -> 1 renewed, 0 lost, 2 cancel requested. The session's keys are kept for `keep` again
+# once they have less than `refresh below` left (so most renewals leave them alone).
 _RENEW = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
 if redis.call('HGET', KEYS[2], 'cancel') == '1' then return 2 end
-local ttl = tonumber(ARGV[3])
-redis.call('PEXPIRE', KEYS[2], ttl)
-for k = 4, #KEYS do redis.call('PEXPIRE', KEYS[k], ttl) end
-redis.call('ZADD', KEYS[3], tonumber(ARGV[4]) + ttl, ARGV[5])
+if redis.call('PTTL', KEYS[2]) < tonumber(ARGV[4]) then
+  local keep = tonumber(ARGV[3])
+  redis.call('PEXPIRE', KEYS[2], keep)
+  for k = 4, #KEYS do redis.call('PEXPIRE', KEYS[k], keep) end
+  redis.call('ZADD', KEYS[3], tonumber(ARGV[5]) + keep, ARGV[6])
+end
 return 1
 """
 
@@ -280,6 +285,7 @@ class SessionStore:
         self.prefix = key_prefix
         self.ttl_ms = int(ttl_s * 1000)
         self.lease_ms = lease_ms
+        self.keep_ms = self.ttl_ms + 2 * lease_ms  # how long a session being worked on is kept (see above)
         self.max_sessions = max_sessions
         self._batch = _Batch(client)
         self.scripts = {name: _Script(name, src) for name, src in (
@@ -336,7 +342,7 @@ class SessionStore:
         views = sorted(tokens)
         record.prefix_end = {v: len(tokens[v]) for v in views}
         meta.views, meta.log_len = tuple(views), 1
-        args: list = [token, self.lease_ms, self.ttl_ms + self.lease_ms, _now_ms(), session_id, self.max_sessions,
+        args: list = [token, self.lease_ms, self.keep_ms, _now_ms(), session_id, self.max_sessions,
                       record.to_json(), len(views)]
         args += [pack_ids(tokens[v]) for v in views]
         args += _pairs(meta.to_hash())
@@ -367,7 +373,7 @@ class SessionStore:
             for view, ids in tokens.items():
                 merged.setdefault(view, []).extend(ids)
         written = sorted(merged)
-        ttl = self.ttl_ms if turn_end else self.ttl_ms + self.lease_ms if turn_start else 0
+        ttl = self.ttl_ms if turn_end else self.keep_ms if turn_start else 0
         keys = self._keys(session_id, written + [v for v in views if v not in merged] if ttl else written)
         args: list = [token, expected_len, _now_ms(), ttl, "1" if turn_end else "0", session_id, len(entries)]
         args += [r.to_json() for r, _ in entries]
@@ -413,7 +419,8 @@ class SessionStore:
         """1 renewed (and the session's keys kept for session_ttl + lease_ms), 0 lost, 2 cancel requested."""
         k = self._keys(session_id, views)
         keys = [k[1], k[0], *k[2:]]
-        return int(await self._run("renew", keys, [token, self.lease_ms, self.ttl_ms + self.lease_ms, _now_ms(), session_id]))
+        args = [token, self.lease_ms, self.keep_ms, self.ttl_ms + self.lease_ms, _now_ms(), session_id]
+        return int(await self._run("renew", keys, args))
 
     async def release(self, session_id: str, token: str) -> None:
         await self._run("release", [self.key(session_id, "lease")], [token])
