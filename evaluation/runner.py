@@ -147,7 +147,8 @@ def step_dict(s: Step) -> dict:
 def glimpse_ms(config: Config, steps: list[dict], usage: dict | None) -> float | None:
     """Time the small model spent on glimpses that wrote nothing. Separate mode: every
     Glimpse call. Fused mode: the Step calls that escalated (a kept Step's glimpse
-    is the prefill its step needed anyway) = all Step time less the kept steps'.
+    is the prefill its step needed anyway) = all Step time (the router streams
+    them: StepStream) less the kept steps'.
     Needs the small worker's counters; policies that do not glimpse cost 0."""
     if not config.glimpses:
         return 0.0
@@ -157,7 +158,7 @@ def glimpse_ms(config: Config, steps: list[dict], usage: dict | None) -> float |
     if config.mode == "separate":
         return small["Glimpse_s"] * 1e3
     kept = sum(s["worker_ms"] for s in steps if s["role"] == "small")
-    return max(0.0, small["Step_s"] * 1e3 - kept)
+    return max(0.0, (small["Step_s"] + small.get("StepStream_s", 0.0)) * 1e3 - kept)
 
 
 class Runner:

@@ -143,7 +143,7 @@ def usage_delta(before: dict, after: dict) -> dict[str, float]:
         "cached": total("glimprouter_worker_prompt_tokens_total", kind="cached"),
         "generated": total("glimprouter_worker_generated_tokens_total"),
     }
-    for method in ("Glimpse", "Step", "Generate", "GenerateStream", "Tokenize", "RenderPrompt"):
+    for method in ("Glimpse", "Step", "StepStream", "Generate", "GenerateStream", "Tokenize", "RenderPrompt", "Extend"):
         out[f"{method}_s"] = total("glimprouter_worker_request_duration_seconds_sum", method=method)
         out[f"{method}_calls"] = total("glimprouter_worker_request_duration_seconds_count", method=method)
     return out

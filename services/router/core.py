@@ -44,7 +44,7 @@ from services.router.loop import Emit, Entries, StepLoop, turn_stats
 from services.router.metrics import SessionMetrics
 from services.router.policies import POLICIES, make_policy
 from services.router.resume import merge_options, turn_state
-from services.router.session import SessionMeta, SessionOptions, TurnState, affinity_fields, views_for
+from services.router.session import SessionMeta, SessionOptions, TurnState, affinity_fields
 from services.router.store import SessionStore, default_holder
 from services.router.turns import Pool, Turns
 
