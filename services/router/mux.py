@@ -27,7 +27,7 @@ from opentelemetry import propagate
 
 from glimprouter.v1 import worker_pb2 as pb
 from services.router import metrics, spans
-from services.worker.mux import merge
+from services.worker.mux import merge, split
 
 log = logging.getLogger("glimprouter.router.workers")
 
@@ -35,6 +35,7 @@ log = logging.getLogger("glimprouter.router.workers")
 CALLS = {"RenderPrompt": "render_prompt", "Tokenize": "tokenize", "Glimpse": "glimpse", "StepStream": "step",
          "GenerateStream": "generate", "Extend": "extend"}
 SERVICE = "glimprouter.v1.ModelWorker"
+MAX_BATCH_BYTES = 4 * 1024 * 1024  # a message stays well under the channels' limit (calls carry whole prompts)
 
 
 def rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
@@ -88,8 +89,8 @@ class MuxChannel:
                 await wake.wait()
                 wake.clear()
                 batch, self.outbox = self.outbox, []
-                if batch:
-                    await stream.write(pb.MuxRequest(calls=batch))
+                for part in split(batch, MAX_BATCH_BYTES):
+                    await stream.write(pb.MuxRequest(calls=part))
                     metrics.message("multiplex", "sent")
         except asyncio.CancelledError:
             raise

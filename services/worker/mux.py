@@ -37,6 +37,24 @@ _CALLS = {
 }
 
 
+MAX_BATCH_BYTES = 4 * 1024 * 1024  # a message stays well under the channels' limit
+
+
+def split(items: list, max_bytes: int) -> list[list]:
+    """`items` (protobuf messages) in order, cut into runs of at most `max_bytes` (one item
+    larger than that goes alone)."""
+    out: list[list] = [[]] if items else []
+    size = 0
+    for item in items:
+        n = item.ByteSize() if len(items) > 1 else 0
+        if out[-1] and size + n > max_bytes:
+            out.append([])
+            size = 0
+        out[-1].append(item)
+        size += n
+    return out
+
+
 class _Abort(Exception):
     def __init__(self, code: grpc.StatusCode, details: str) -> None:
         super().__init__(details)
@@ -108,7 +126,8 @@ class Multiplexer:
                 if self.timer is not None:
                     self.timer.cancel()
                     self.timer = None
-                await self.context.write(pb.MuxReply(results=merge(batch)))
+                for part in split(merge(batch), MAX_BATCH_BYTES):
+                    await self.context.write(pb.MuxReply(results=part))
         finally:
             reader.cancel()
             for task in list(self.tasks.values()):
