@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import secrets
+import signal
 import time
 import urllib.request
 
@@ -355,30 +356,43 @@ def test_without_an_otlp_endpoint_nothing_is_exported_and_everything_works(spawn
 
 
 # ---- retries -------------------------------------------------------------------------------------------
-def test_a_retried_worker_call_is_counted_and_shown_in_the_step(traced, receiver, spawn, private_redis):
-    """Two small replicas; one dies. The first call sent to it fails UNAVAILABLE and is
-    retried on the other: one retry in the metrics and in that step's span, where the
-    failed call is a child span with its status."""
-    doomed = spawn.sim("sim-small", spawn.env(receiver))
+def test_a_retried_worker_call_is_counted_and_shown_in_the_step(traced, receiver, spawn, private_redis, faults):
+    """Two small replicas; one is draining (SIGTERM while a call is in flight on it: it
+    keeps its connections and refuses new calls with UNAVAILABLE). The first call sent to
+    it fails UNAVAILABLE and is retried on the other: one retry in the metrics and in that
+    step's span, where the failed call is a child span with its status.
+
+    (A replica that dies outright is no such case: its channel loses its connection, the
+    router's reconnect fails, and the replica is marked down before a call is sent to it.)"""
+    doomed = spawn.sim("sim-small", spawn.env(receiver), "--sim-token-latency-s", "0.05", "--sim-steps", "100")
     router = None
+    busy = grpc.insecure_channel(doomed.address)
     try:
-        # A slow health loop: the dead replica is found by a call, not by a health check.
+        # A slow health loop: the draining replica is found by a call, not by a health check.
         router = spawn.router([traced.small, doomed], traced.large, private_redis.url, "obs-retry:", spawn.env(receiver),
                               health_interval_s=60)
-        doomed.kill()
+        # Up to 20 s of decoding (400 tokens x 0.05 s) keeps the draining worker up for the test.
+        long_call = worker_pb2_grpc.ModelWorkerStub(busy).GenerateStream(wpb.GenerateRequest(
+            prompt=wpb.Prompt(token_ids=wpb.TokenIds(ids=[1, 300, 301])), sampling=wpb.Sampling(max_tokens=400),
+            stop=wpb.StopCondition(step_boundary="")), timeout=60)
+        next(long_call)  # its first tokens: the call is in flight, so SIGTERM drains the worker
+        doomed.proc.send_signal(signal.SIGTERM)
+        faults.wait_for(lambda: faults.health(doomed.address) == "NOT_SERVING", 10, "the replica to drain")
         port = int(router.ready_fields["metrics_port"])
         name = 'glimprouter_router_worker_retries_total{method="Step",role="small"}'
         sids = []
-        for _ in range(12):  # each new session goes to the dead replica with probability 1/2
+        for _ in range(12):  # each new session goes to the draining replica with probability 1/2
             sids.append(stub(router).Reason(pb.ReasonRequest(prompt=PROMPT), timeout=60).session_id)
             if scrape(port).get(name, 0) > 0:
                 break
         metrics = scrape(port)
         assert metrics[name] == 1
         assert metrics[f'glimprouter_router_worker_calls_total{{code="UNAVAILABLE",endpoint="{doomed.address}",method="Step",role="small"}}'] == 1
+        long_call.cancel()
     finally:
         if router is not None:
             router.stop()
+        busy.close()
         doomed.kill()
 
     def retried(spans):
