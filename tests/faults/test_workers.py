@@ -136,6 +136,34 @@ def test_large_worker_killed_mid_step_retry_then_unavailable_then_resume(stack, 
     assert final.status == "done" and len(final.steps) == STEPS + 1
 
 
+# ---- the router's readiness follows its workers ---------------------------------------------------
+def test_router_is_serving_only_while_a_worker_of_each_role_would_take_a_call(stack, faults):
+    """Readiness is what clients and Kubernetes send traffic on: NOT_SERVING as soon as the
+    last large worker is gone (a client just refused is never told SERVING), and SERVING
+    again only once the worker is back and connected, so the first call after it is served.
+    The health loop is slowed to a minute: none of this may wait for it."""
+    r = stack.redis()
+    small = stack.sim("sim-small", steps=STEPS)
+    large = stack.sim("sim-large", steps=STEPS)
+    router = stack.router([small.address], [large.address], r.url, "--health-interval-s", "60")
+    stub = stack.stub(router)
+    assert faults.health(router.address) == "SERVING"
+
+    large.kill()
+    # Before: SERVING until the next health check, up to a minute later.
+    faults.wait_for(lambda: faults.health(router.address) == "NOT_SERVING", 10, "NOT_SERVING without a large worker")
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Reason(pb.ReasonRequest(prompt="Anyone there?", routing=LARGE_ONLY), timeout=20)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "no healthy large worker" in err.value.details()
+    assert faults.health(router.address) == "NOT_SERVING"
+
+    stack.sim("sim-large", steps=STEPS, port=large.port)  # back on its old address
+    faults.wait_for(lambda: faults.health(router.address) == "SERVING", 15, "the router to see the worker again")
+    resp = stub.Reason(pb.ReasonRequest(prompt="Count the apples.", routing=LARGE_ONLY, answer_by=pb.ANSWER_BY_NONE),
+                       timeout=30)  # the first call once SERVING
+    assert len(resp.steps) == STEPS + 1 and all(s.role == pb.ROLE_LARGE for s in resp.steps)
+
+
 # ---- slow workers, deadlines and cancellation -----------------------------------------------------
 @pytest.fixture(scope="module")
 def slow(faults):
