@@ -196,6 +196,23 @@ def _assert_worker_idle(worker, within_ms: float = 400) -> None:
     assert g.timings.queue_ms < within_ms, g.timings
 
 
+def _wait_busy(faults, worker) -> None:
+    """Waits until the worker's model is writing a step: a Glimpse sent now queues behind it
+    (an idle sim worker answers one in milliseconds; the steps here take ~2 s)."""
+
+    def busy() -> bool:
+        with grpc.insecure_channel(worker.address) as ch:
+            try:
+                worker_pb2_grpc.ModelWorkerStub(ch).Glimpse(worker_pb2.GlimpseRequest(
+                    prompt=worker_pb2.Prompt(token_ids=worker_pb2.TokenIds(ids=[1, 300, 301]))), timeout=0.5)
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED, exc
+                return True
+        return False
+
+    faults.wait_for(busy, 10, "the worker to be writing a step")
+
+
 def _wait_cancelled(faults, worker, before: tuple[float, float]) -> float:
     """Waits for the worker to report one more cancelled generation; returns its tokens."""
     faults.wait_for(lambda: _cancelled(faults, worker)[0] > before[0], 5, "the worker to stop decoding")
@@ -227,8 +244,8 @@ def test_deadline_is_honoured_end_to_end_and_the_worker_stops(slow, faults):
 def test_grpc_cancel_stops_the_work_on_the_worker(slow, faults):
     before = _cancelled(faults, slow.small)
     call = slow.stub.ReasonStream(pb.ReasonRequest(prompt="Cancel me."), timeout=30)
-    sid = next(iter(call)).started.session_id  # the small worker is now writing step 0
-    time.sleep(0.3)
+    sid = next(iter(call)).started.session_id
+    _wait_busy(faults, slow.small)  # the small worker is writing step 0
     call.cancel()
     assert _wait_cancelled(faults, slow.small, before) < 15
     _assert_worker_idle(slow.small)
@@ -244,8 +261,9 @@ def test_http_disconnect_stops_the_work_on_the_worker(slow, faults):
         with client.stream("POST", f"{slow.patient}/v1/chat/completions", json=body) as r:
             assert r.status_code == 200
             sid = r.headers["x-glimprouter-session"]
-            next(r.iter_lines())  # the role chunk: the router is running the session
-            time.sleep(0.3)
+            lines = r.iter_lines()  # held: a dropped iterator would close the connection at once
+            next(lines)  # the role chunk: the router is running the session
+            _wait_busy(faults, slow.small)  # the small worker is writing step 0
         closed = time.monotonic()  # leaving the block closed the connection mid-stream
     assert _wait_cancelled(faults, slow.small, before) < 15
     assert time.monotonic() - closed < 1.5  # at the disconnect, not at the end of the ~2 s step
@@ -263,17 +281,8 @@ def test_worker_sigterm_turns_not_serving_and_drains_the_call_in_flight(stack, f
     req = worker_pb2.GenerateRequest(prompt=worker_pb2.Prompt(token_ids=worker_pb2.TokenIds(ids=[1, 300, 301])),
                                      sampling=worker_pb2.Sampling(max_tokens=30),
                                      stop=worker_pb2.StopCondition(step_boundary=""))
-    result: dict = {}
-
-    def generate() -> None:
-        try:
-            result["response"] = stub.Generate(req, timeout=20)
-        except grpc.RpcError as exc:
-            result["error"] = exc
-
-    t = threading.Thread(target=generate)
-    t.start()
-    time.sleep(0.3)  # ~6 of its 30 tokens (1.5 s) are written
+    call = stub.GenerateStream(req, timeout=20)
+    chunks = [next(call)]  # its first token is out: the call is in flight (30 tokens take 1.5 s)
     w.proc.send_signal(signal.SIGTERM)
     # Health says NOT_SERVING while the call in flight finishes...
     faults.wait_for(lambda: faults.health(w.address) == "NOT_SERVING", 2, "NOT_SERVING during the drain")
@@ -281,9 +290,8 @@ def test_worker_sigterm_turns_not_serving_and_drains_the_call_in_flight(stack, f
     with pytest.raises(grpc.RpcError) as err:
         stub.Glimpse(worker_pb2.GlimpseRequest(prompt=req.prompt), timeout=5)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in err.value.details()
-    t.join(20)
-    assert "error" not in result, result
-    gen = result["response"]
-    assert len(gen.token_ids) == 30 and gen.finish_reason == worker_pb2.FINISH_REASON_LENGTH  # finished, not cut
+    chunks += list(call)
+    assert sum(len(c.token_ids) for c in chunks) == 30
+    assert chunks[-1].finish_reason == worker_pb2.FINISH_REASON_LENGTH  # finished, not cut
     assert w.proc.wait(15) == 0
     ch.close()
