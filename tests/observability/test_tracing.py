@@ -79,9 +79,12 @@ def delta(before: dict, after: dict, name: str) -> float:
     return after.get(name, 0.0) - before.get(name, 0.0)
 
 
-def wait_for_run(receiver, sid: str, n_steps: int, answer: bool, services: tuple[str, ...] = ()):
-    """The run's spans once its session span, every step span with the worker spans
-    under it (each process exports on its own schedule) and `services` are in."""
+def wait_for_run(receiver, sid: str, n_steps: int, answer: bool, services: tuple[str, ...] = (),
+                 names: tuple[str, ...] = ()):
+    """The run's spans once its session span and the router's server span above it,
+    every step span with the worker spans under it, `services` and spans named `names`
+    are in. Each process exports on its own schedule, and a span is exported when it
+    ends: the server spans that wrap a call end after everything in it."""
 
     def ready(spans):
         s = session_span(spans, sid)
@@ -93,8 +96,8 @@ def wait_for_run(receiver, sid: str, n_steps: int, answer: bool, services: tuple
         workers = [x for x in mine if x.service == "glimprouter-worker"]
         under = {a.span_id for w in workers for a in ancestors(w, by_id)}
         answered = not answer or any(x.name.endswith("/GenerateStream") for x in workers)
-        if (len(steps) >= n_steps and all(x.span_id in under for x in steps) and answered
-                and set(services) <= {x.service for x in mine}):
+        if (len(steps) >= n_steps and all(x.span_id in under for x in steps) and answered and s.parent_id in by_id
+                and set(services) <= {x.service for x in mine} and set(names) <= {x.name for x in mine}):
             return s, mine
         return None
 
@@ -220,7 +223,8 @@ def test_an_incoming_traceparent_at_the_gateway_is_the_trace_of_the_router_and_w
     sid = r.headers["x-glimprouter-session"]
     assert r.headers["traceresponse"].startswith(f"00-{trace_id}-")
     n_steps = len(r.json()["glimprouter"]["step_log"])
-    session, mine = wait_for_run(receiver, sid, n_steps, answer=False, services=("glimprouter-gateway",))
+    session, mine = wait_for_run(receiver, sid, n_steps, answer=False, services=("glimprouter-gateway",),
+                                 names=("POST /v1/chat/completions",))
     assert session.trace_id == trace_id
     by_id = {s.span_id: s for s in receiver.spans()}
     http = [s for s in mine if s.service == "glimprouter-gateway" and s.name == "POST /v1/chat/completions"]
