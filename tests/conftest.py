@@ -84,14 +84,22 @@ class RedisProc:
             cmd += ["--requirepass", self.password]
         self.proc = subprocess.Popen(cmd + self.extra, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                      start_new_session=True)
+        # Ready when *this* process answers: a Redis still on the port (one being restarted
+        # there, or another that took the port) would answer a plain ping just as well.
         c = self.client()
-        for _ in range(200):
+        deadline = time.monotonic() + 10
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"private redis-server on port {self.port} exited with {self.proc.returncode}:"
+                                   f" {self.log()[-500:]}")
             try:
-                c.ping()
-                return
+                if int(c.info("server")["process_id"]) == self.proc.pid:
+                    return
             except (redis.ConnectionError, redis.BusyLoadingError):
-                time.sleep(0.025)
-        raise RuntimeError("private redis-server did not start")
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"private redis-server did not start on port {self.port}: {self.log()[-500:]}")
+            time.sleep(0.025)
 
     def kill(self) -> None:
         if self.proc and self.proc.poll() is None:

@@ -1,8 +1,9 @@
 """The router process: a thin gRPC servicer over RouterCore, with health and reflection.
 
 Readiness ("" and the Router service name on grpc.health.v1) is SERVING only
-while Redis answers and each pool has a healthy worker; "liveness" is SERVING as
-soon as the process answers.
+while Redis answers and each pool has a worker that would take a call now (up, and
+its channel connected); it follows the pools as their endpoints go up and down,
+not a poll behind them. "liveness" is SERVING as soon as the process answers.
 """
 from __future__ import annotations
 
@@ -274,6 +275,10 @@ class RouterServer:
         self.core: RouterCore | None = None
         self.port = 0
         self._ready_task: asyncio.Task | None = None
+        self._redis_ok = False  # the last readiness ping
+        self._publish_lock = asyncio.Lock()
+        self._publish_pending = False
+        self._publisher: asyncio.Task | None = None
 
     async def start(self) -> int:
         s = self.settings
@@ -297,6 +302,8 @@ class RouterServer:
             raise
         servicer._core = self.core
         await self._update_readiness()
+        for pool in self.pools.values():
+            pool.on_change(self._pools_changed)
         self._ready_task = asyncio.create_task(self._readiness_loop())
         return self.port
 
@@ -310,16 +317,32 @@ class RouterServer:
         self.core = RouterCore(self.settings, self.store, self.pools["small"], self.pools["large"])
 
     async def _update_readiness(self) -> None:
+        """Pings Redis, then publishes readiness."""
         try:
             with spans.untraced():  # a ping every few seconds is not worth a trace
-                ok = bool(await self.store.r.ping()) and all(
-                    any(ep.healthy for ep in pool.endpoints) for pool in self.pools.values()
-                )
+                self._redis_ok = bool(await self.store.r.ping())
         except Exception:
-            ok = False
-        status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
-        for name in ("", SERVICE_NAME):
-            await self.health.set(name, status)
+            self._redis_ok = False
+        await self._publish()
+
+    async def _publish(self) -> None:
+        async with self._publish_lock:  # the last to publish read the latest state
+            ok = self._redis_ok and all(pool.serving() for pool in self.pools.values())
+            status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+            for name in ("", SERVICE_NAME):
+                await self.health.set(name, status)
+
+    def _pools_changed(self) -> None:
+        """An endpoint went up or down, or a channel connected or lost its connection:
+        publish readiness now, not at the next tick (a client that was just refused must
+        not be told SERVING for another health interval)."""
+        if not self._publish_pending:
+            self._publish_pending = True
+            self._publisher = asyncio.get_running_loop().create_task(self._publish_changes())
+
+    async def _publish_changes(self) -> None:
+        self._publish_pending = False
+        await self._publish()
 
     async def _readiness_loop(self) -> None:
         while True:

@@ -7,6 +7,10 @@ step), so another router replica that picks the session up goes to the same
 replica. A new session's replica is chosen by rendezvous hashing, so replicas
 agree even before anything is stored.
 
+An endpoint is up only once a health check answered SERVING over its channel; a
+failed connection attempt, an UNAVAILABLE call or a failed check marks it down at
+once, and neither a session nor a retry is sent to an endpoint that is down (a
+session whose home is down moves to a replica that is up before its first attempt).
 A failed call (UNAVAILABLE, RESOURCE_EXHAUSTED) is retried on another healthy
 replica: nothing is stored until a step completes, so a step is idempotent until
 written. A stream that fails after its first message cannot be retried as it was
@@ -23,7 +27,7 @@ import contextvars
 import hashlib
 import logging
 import time
-from typing import AsyncIterator, Sequence
+from typing import AsyncIterator, Callable, Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -48,7 +52,23 @@ _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}
 
 
 # ---- endpoints and pools ------------------------------------------------------------------
+_READY = grpc.ChannelConnectivity.READY
+_IDLE = grpc.ChannelConnectivity.IDLE
+# A channel in TRANSIENT_FAILURE could not connect and waits out its reconnect backoff: a
+# call sent now fails at once. SHUTDOWN: the channel is closed.
+_UNREACHABLE = (grpc.ChannelConnectivity.TRANSIENT_FAILURE, grpc.ChannelConnectivity.SHUTDOWN)
+
+
 class Endpoint:
+    """One worker replica: its channel, the Multiplex stream its calls share, and the
+    pool's view of it.
+
+    `healthy` ("up") is what calls, retries and the router's readiness go by. Only a
+    health check answered SERVING over this channel sets it, so an endpoint is up
+    only once its channel is connected; a failed connection attempt (the channel
+    enters TRANSIENT_FAILURE), an UNAVAILABLE call or a failed health check clear it.
+    """
+
     def __init__(self, address: str, max_message_bytes: int, tls: ClientTLS | None = None, coalesce_ms: int = 0) -> None:
         self.address = address
         opts = [
@@ -65,6 +85,14 @@ class Endpoint:
         self.mux = MuxChannel(self.stub, address, coalesce_ms)  # every session's calls to this worker, on one stream
         self.healthy = False
         self.info: ModelInfo | None = None
+        # Bumped whenever the endpoint is marked down: a health check that was answered
+        # before (its SERVING is older news) does not mark it up again.
+        self.downs = 0
+        self.last_ok = float("-inf")  # time.monotonic() of the last worker call that succeeded
+        self.probe: asyncio.Task | None = None  # a health check under way
+
+    def state(self) -> grpc.ChannelConnectivity:
+        return self.channel.get_state(try_to_connect=False)
 
 
 def _rendezvous(session_id: str, address: str) -> bytes:
@@ -92,7 +120,8 @@ class WorkerPool:
         self.health_interval_s = health_interval_s
         self.default_timeout_s = default_timeout_s
         self.info: ModelInfo | None = None
-        self._health_task: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []  # the health loop and one watcher per channel
+        self._listeners: list[Callable[[], None]] = []
 
     async def start(self, connect_timeout_s: float, straggler_s: float = 2.0) -> None:
         """Learn the model from the endpoints that answer: wait for the first (up to the
@@ -118,9 +147,10 @@ class WorkerPool:
         if not up:
             raise WorkersUnavailable(f"no {self.role} worker answered within {connect_timeout_s:.0f}s")
         self.info = up[0].info
-        for ep in up:
-            ep.healthy = self._compatible(ep)
-        self._health_task = asyncio.create_task(self._health_loop())
+        # Up only once health says SERVING (a draining worker still answers GetModelInfo).
+        await asyncio.gather(*(self._probe(ep, timeout_s=5.0) for ep in up))
+        self._tasks = [asyncio.create_task(self._health_loop())]
+        self._tasks += [asyncio.create_task(self._watch(ep)) for ep in self.endpoints]
 
     def _compatible(self, ep: Endpoint) -> bool:
         assert self.info is not None and ep.info is not None
@@ -129,43 +159,133 @@ class WorkerPool:
             return False
         return True
 
+    # ---- the pool's view of each endpoint -------------------------------------------------
+    def on_change(self, listener: Callable[[], None]) -> None:
+        """Call `listener()` (no arguments, from the event loop) whenever `serving()` may
+        have changed: an endpoint went up or down, or a channel connected or lost its
+        connection. The router's readiness follows the pools this way, not a poll behind."""
+        self._listeners.append(listener)
+
+    def _changed(self) -> None:
+        for listener in self._listeners:
+            listener()
+
+    def serving(self) -> bool:
+        """Whether a call sent now would be taken: some endpoint is up and its channel is
+        connected (READY), or a call on it has just succeeded."""
+        now = time.monotonic()
+        return any(
+            ep.healthy and (ep.state() is _READY or now - ep.last_ok < self.health_interval_s) for ep in self.endpoints
+        )
+
+    def _up(self, ep: Endpoint) -> bool:
+        """Whether a call may go to `ep`: up, and its channel not known to be unable to connect."""
+        if ep.healthy and ep.state() in _UNREACHABLE:
+            self._down(ep, "its channel cannot connect")
+        return ep.healthy
+
+    def _down(self, ep: Endpoint, why: str) -> None:
+        ep.downs += 1
+        if ep.healthy:
+            ep.healthy = False
+            log.info("%s worker %s is now unhealthy: %s", self.role, ep.address, why)
+            self._changed()
+
+    def _mark_up(self, ep: Endpoint) -> None:
+        if not ep.healthy:
+            ep.healthy = True
+            log.info("%s worker %s is now healthy", self.role, ep.address)
+            self._changed()
+
+    async def _watch(self, ep: Endpoint) -> None:
+        """Follows one channel's connectivity, so the pool's view of the endpoint agrees
+        with its channel. A channel that lost its connection (IDLE) is told to reconnect at
+        once: a worker that died is then known to be down (the attempt fails: TRANSIENT_FAILURE
+        marks it down) before any call is sent to it, and gRPC keeps trying, with its backoff
+        (at most 2 s), until it is back. A channel that connects while its endpoint is down
+        gets a health check at once, so the endpoint is up as soon as it can take a call,
+        not a health interval later."""
+        state = ep.state()
+        while state is not grpc.ChannelConnectivity.SHUTDOWN:
+            if state in _UNREACHABLE:
+                self._down(ep, "its channel cannot connect")
+            elif state is _READY and not ep.healthy:
+                self._probe(ep)
+            elif state is _IDLE:
+                state = ep.channel.get_state(try_to_connect=True)
+            self._changed()
+            try:
+                await ep.channel.wait_for_state_change(state)
+            except RuntimeError:  # the watch failed (gRPC says it should not): the health loop carries on
+                log.warning("%s worker %s: lost track of its channel", self.role, ep.address, exc_info=True)
+                return
+            state = ep.state()
+
+    def _probe(self, ep: Endpoint, timeout_s: float | None = None) -> asyncio.Task:
+        """One health check of `ep` (the one under way, if any)."""
+        if ep.probe is None or ep.probe.done():
+            ep.probe = asyncio.create_task(self._check(ep, timeout_s))
+        return ep.probe
+
     async def _health_loop(self) -> None:
         while True:
             await asyncio.sleep(self.health_interval_s)
-            await asyncio.gather(*(self._check(ep) for ep in self.endpoints), return_exceptions=True)
+            await asyncio.gather(*(self._probe(ep) for ep in self.endpoints), return_exceptions=True)
 
-    async def _check(self, ep: Endpoint) -> None:
+    async def _check(self, ep: Endpoint, timeout_s: float | None = None) -> None:
+        downs = ep.downs
+        # A worker that is slow to answer is not down: up to a health interval (1 s at least).
+        timeout_s = timeout_s or max(1.0, self.health_interval_s)
         try:
-            r = await ep.health.Check(health_pb2.HealthCheckRequest(service=""), timeout=max(0.5, self.health_interval_s / 2))
+            r = await ep.health.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout_s)
             serving = r.status == health_pb2.HealthCheckResponse.SERVING
             if serving and ep.info is None:
                 ep.info = protomap.model_info_from_pb(await ep.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=5))
-            ok = serving and self._compatible(ep)
-        except grpc.aio.AioRpcError:
-            ok = False
-        if ok != ep.healthy:
-            log.info("%s worker %s is now %s", self.role, ep.address, "healthy" if ok else "unhealthy")
-        ep.healthy = ok
+            if not serving:
+                why = f"it answers {health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)}"
+            elif not self._compatible(ep):
+                why = "it serves another tokenizer"
+            else:
+                why = ""
+        except grpc.aio.AioRpcError as exc:
+            why = f"health check failed: {exc.code().name}"
+        except Exception as exc:  # noqa: BLE001 - a check that cannot tell says down, and says why
+            log.warning("%s worker %s: health check failed", self.role, ep.address, exc_info=True)
+            why = f"health check failed: {exc!r}"
+        if why:
+            self._down(ep, why)
+        elif ep.downs == downs:
+            self._mark_up(ep)
+        # else: marked down while this check was under way (a call failed, the channel lost
+        # its connection); the SERVING answered before that is stale, the next check decides.
 
     async def close(self) -> None:
-        if self._health_task is not None:
-            self._health_task.cancel()
+        for task in self._tasks + [ep.probe for ep in self.endpoints if ep.probe is not None]:
+            task.cancel()
         await asyncio.gather(*(ep.mux.close() for ep in self.endpoints), return_exceptions=True)
         await asyncio.gather(*(ep.channel.close() for ep in self.endpoints), return_exceptions=True)
 
     # ---- choosing a replica ----------------------------------------------------------------
     def pick(self, session_id: str, affinity: dict[str, str], exclude: set[str]) -> Endpoint:
+        """The replica for the next attempt: the session's home while it is up, else (a new
+        session, or its home is down) the rendezvous choice among the endpoints up, which
+        becomes the home in `affinity` (the core writes it to Redis with the next step).
+        Endpoints that are down or already failed in this call are never chosen."""
         current = affinity.get(self.role)
-        candidates = [ep for ep in self.endpoints if ep.healthy and ep.address not in exclude]
+        candidates = [ep for ep in self.endpoints if ep.address not in exclude and self._up(ep)]
         for ep in candidates:
             if ep.address == current:
                 return ep
         if not candidates:
-            # Health may lag behind a restart: try the ones not yet failed in this call.
-            candidates = [ep for ep in self.endpoints if ep.address not in exclude and ep.info is not None]
-        if not candidates:
-            raise WorkersUnavailable(f"no healthy {self.role} worker (tried {', '.join(sorted(exclude)) or 'none'})")
+            down = sorted(ep.address for ep in self.endpoints if ep.address not in exclude)
+            why = "; ".join(
+                part for part in (f"tried {', '.join(sorted(exclude))}" if exclude else "",
+                                  f"down: {', '.join(down)}" if down else "") if part
+            )
+            raise WorkersUnavailable(f"no healthy {self.role} worker ({why})")
         chosen = max(candidates, key=lambda ep: _rendezvous(session_id, ep.address))
+        if current is not None and current != chosen.address:
+            log.debug("session %s: %s worker %s is unavailable; moving to %s", session_id, self.role, current, chosen.address)
         affinity[self.role] = chosen.address
         return chosen
 
@@ -178,20 +298,41 @@ class WorkerPool:
             raise DeadlineExceeded("the request's deadline passed before the step finished")
         return left
 
+    async def _connected(self, ep: Endpoint) -> None:
+        """Waits, within the call's deadline, until `ep`'s channel is connected, so a call to
+        an endpoint that is up does not fail on a channel still (re)connecting. Stops waiting
+        when `ep` goes down (its channel could not connect): the call then fails at once with
+        the channel's error and is retried elsewhere."""
+        state = ep.channel.get_state(try_to_connect=True)
+        if state is _READY:
+            return
+        end = time.monotonic() + self._timeout()
+        while state is not _READY and state not in _UNREACHABLE and ep.healthy:
+            left = end - time.monotonic()
+            if left <= 0:
+                return  # the call below raises DeadlineExceeded
+            try:
+                await asyncio.wait_for(ep.channel.wait_for_state_change(state), left)
+            except asyncio.TimeoutError:
+                return
+            state = ep.channel.get_state(try_to_connect=True)
+
     async def call(self, session_id: str, affinity: dict[str, str], method: str, request):
         tried: set[str] = set()
         for attempt in range(self.retries + 1):
             ep = self.pick(session_id, affinity, tried)
             t0 = time.perf_counter()
             try:
+                await self._connected(ep)
                 out = await ep.mux.call(method, request, self._timeout())
             except grpc.aio.AioRpcError as exc:
                 self._ended(ep, method, exc.code().name, t0)
                 self._raise_unless_retryable(ep, exc, method)
                 tried.add(ep.address)
                 self._retrying(attempt, method)
-                log.warning("%s worker %s failed %s (%s); retrying elsewhere", self.role, ep.address, method, exc.code().name)
+                log.warning("%s worker %s failed %s (%s: %s)", self.role, ep.address, method, exc.code().name, exc.details())
             else:
+                ep.last_ok = time.monotonic()
                 self._ended(ep, method, "OK", t0, _usage(out))
                 return out
         raise WorkersUnavailable(f"{method} failed on every {self.role} worker tried ({', '.join(sorted(tried))})")
@@ -205,6 +346,7 @@ class WorkerPool:
             t0 = time.perf_counter()
             last = None
             try:
+                await self._connected(ep)
                 # A caller that stops reading (cancelled, gone) closes the call: the worker stops.
                 async with contextlib.aclosing(ep.mux.results(method, request, self._timeout())) as results:
                     async for r in results:
@@ -223,12 +365,14 @@ class WorkerPool:
                 if started and exc.code() in _RETRYABLE:
                     # Its beginning reached the caller: not retried as it was, but the step
                     # can be written again from its start, away from this replica.
-                    ep.healthy = False
+                    self._down(ep, f"{method} failed mid-stream: {exc.details()}")
                     raise WorkerFault(f"{self.role} worker {ep.address} failed mid-stream: {exc.details()}") from None
                 self._raise_unless_retryable(ep, exc, method)
                 tried.add(ep.address)
                 self._retrying(attempt, method)
+                log.warning("%s worker %s failed %s (%s: %s)", self.role, ep.address, method, exc.code().name, exc.details())
             else:
+                ep.last_ok = time.monotonic()
                 self._ended(ep, method, "OK", t0, _usage(last))
                 return
         raise WorkersUnavailable(f"{method} failed on every {self.role} worker tried ({', '.join(sorted(tried))})")
@@ -246,7 +390,7 @@ class WorkerPool:
         code = exc.code()
         if code in _RETRYABLE:
             if code is grpc.StatusCode.UNAVAILABLE:
-                ep.healthy = False
+                self._down(ep, f"{method} failed: {exc.details()}")
             return
         if code is grpc.StatusCode.DEADLINE_EXCEEDED:
             raise DeadlineExceeded(f"the request's deadline passed during {method} on the {self.role} worker") from None

@@ -82,6 +82,7 @@ BATCH_TOKENS = Histogram(
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048),
 )
 WAITING = Gauge("glimprouter_worker_requests_waiting", "Requests waiting for a free sequence (--parallel)", ["model"])
+ACTIVE = Gauge("glimprouter_worker_requests_active", "Requests holding a sequence of the batch (at most --parallel)", ["model"])
 SNAPSHOT_BYTES = Gauge("glimprouter_worker_kv_snapshot_bytes", "Bytes of saved session KV state (--kv-cache-bytes)", ["model"])
 
 
@@ -91,9 +92,14 @@ class SchedulerMetrics:
     def __init__(self, model: str) -> None:
         self._seqs, self._tokens = BATCH_SEQUENCES.labels(model), BATCH_TOKENS.labels(model)
         self._waiting, self._snap = WAITING.labels(model), SNAPSHOT_BYTES.labels(model)
+        self._active = ACTIVE.labels(model)
 
-    def batch(self, sequences: int, tokens: int, waiting: int, snapshot_bytes: int) -> None:
+    def batch(self, sequences: int, tokens: int, snapshot_bytes: int) -> None:
         self._seqs.observe(sequences)
         self._tokens.observe(tokens)
-        self._waiting.set(waiting)
         self._snap.set(snapshot_bytes)
+
+    def load(self, active: int, waiting: int) -> None:
+        """After every iteration, also the ones that evaluate nothing (a request ending)."""
+        self._active.set(active)
+        self._waiting.set(waiting)

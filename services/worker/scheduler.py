@@ -289,6 +289,7 @@ class Scheduler(Engine):
                 for job in list(self._active):
                     self._fail(job, EngineError(f"the model failed: {exc}"))
                     self._reset(job.slot)
+            self._metrics.load(len(self._active), len(self._waiting) + len(self._extends))
             self._deliver()
         for job in pending:
             self._fail(job, EngineError("the worker is shutting down"))
@@ -309,7 +310,7 @@ class Scheduler(Engine):
         self.stats.batches += 1
         self.stats.evaluated_tokens += len(batch)
         self.stats.max_batch_sequences = max(self.stats.max_batch_sequences, sequences)
-        self._metrics.batch(sequences, len(batch), len(self._waiting), self.snapshots.bytes)
+        self._metrics.batch(sequences, len(batch), self.snapshots.bytes)
         for job, row in zip(rows_for, logits):
             self._on_logits(job, row)
         for job in caught_up:

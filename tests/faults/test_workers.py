@@ -136,6 +136,34 @@ def test_large_worker_killed_mid_step_retry_then_unavailable_then_resume(stack, 
     assert final.status == "done" and len(final.steps) == STEPS + 1
 
 
+# ---- the router's readiness follows its workers ---------------------------------------------------
+def test_router_is_serving_only_while_a_worker_of_each_role_would_take_a_call(stack, faults):
+    """Readiness is what clients and Kubernetes send traffic on: NOT_SERVING as soon as the
+    last large worker is gone (a client just refused is never told SERVING), and SERVING
+    again only once the worker is back and connected, so the first call after it is served.
+    The health loop is slowed to a minute: none of this may wait for it."""
+    r = stack.redis()
+    small = stack.sim("sim-small", steps=STEPS)
+    large = stack.sim("sim-large", steps=STEPS)
+    router = stack.router([small.address], [large.address], r.url, "--health-interval-s", "60")
+    stub = stack.stub(router)
+    assert faults.health(router.address) == "SERVING"
+
+    large.kill()
+    # Before: SERVING until the next health check, up to a minute later.
+    faults.wait_for(lambda: faults.health(router.address) == "NOT_SERVING", 10, "NOT_SERVING without a large worker")
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Reason(pb.ReasonRequest(prompt="Anyone there?", routing=LARGE_ONLY), timeout=20)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "no healthy large worker" in err.value.details()
+    assert faults.health(router.address) == "NOT_SERVING"
+
+    stack.sim("sim-large", steps=STEPS, port=large.port)  # back on its old address
+    faults.wait_for(lambda: faults.health(router.address) == "SERVING", 15, "the router to see the worker again")
+    resp = stub.Reason(pb.ReasonRequest(prompt="Count the apples.", routing=LARGE_ONLY, answer_by=pb.ANSWER_BY_NONE),
+                       timeout=30)  # the first call once SERVING
+    assert len(resp.steps) == STEPS + 1 and all(s.role == pb.ROLE_LARGE for s in resp.steps)
+
+
 # ---- slow workers, deadlines and cancellation -----------------------------------------------------
 @pytest.fixture(scope="module")
 def slow(faults):
@@ -160,18 +188,27 @@ def _cancelled(faults, worker) -> tuple[float, float]:
             faults.metric(worker, "glimprouter_worker_cancelled_tokens_total"))
 
 
-def _assert_worker_idle(worker, within_ms: float = 400) -> None:
-    """The model thread is free: the cut-short generation is not still running behind us."""
-    with grpc.insecure_channel(worker.address) as ch:
-        g = worker_pb2_grpc.ModelWorkerStub(ch).Glimpse(worker_pb2.GlimpseRequest(
-            prompt=worker_pb2.Prompt(token_ids=worker_pb2.TokenIds(ids=[1, 300, 301]))), timeout=5)
-    assert g.timings.queue_ms < within_ms, g.timings
+def _active(faults, worker) -> float:
+    return faults.metric(worker, "glimprouter_worker_requests_active")
+
+
+def _assert_worker_idle(faults, worker) -> None:
+    """No request holds a sequence of the worker's batch any more: the cut-short generation
+    is not still running behind us. The gauge is set at the end of the scheduler iteration
+    that counted the cancellation, so it follows within moments, while the step it cut
+    would have run on for about a second."""
+    faults.wait_for(lambda: _active(faults, worker) == 0, 0.5, "the worker to have no request in flight")
 
 
 def _wait_cancelled(faults, worker, before: tuple[float, float]) -> float:
     """Waits for the worker to report one more cancelled generation; returns its tokens."""
     faults.wait_for(lambda: _cancelled(faults, worker)[0] > before[0], 5, "the worker to stop decoding")
     return _cancelled(faults, worker)[1] - before[1]
+
+
+def _wait_busy(faults, worker) -> None:
+    """Waits until the worker's model is writing a step (a request holds a sequence)."""
+    faults.wait_for(lambda: _active(faults, worker) > 0, 10, "the worker to be writing a step")
 
 
 def test_deadline_is_honoured_end_to_end_and_the_worker_stops(slow, faults):
@@ -183,7 +220,7 @@ def test_deadline_is_honoured_end_to_end_and_the_worker_stops(slow, faults):
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and took < 1.6
     # The small worker was writing step 0 (20 tokens, ~2 s): it stopped after ~1 s of it.
     assert _wait_cancelled(faults, slow.small, before) < 15
-    _assert_worker_idle(slow.small)
+    _assert_worker_idle(faults, slow.small)
 
     # The same through the gateway: its --request-timeout-s (1 s) is the router's deadline.
     before = _cancelled(faults, slow.small)
@@ -193,17 +230,17 @@ def test_deadline_is_honoured_end_to_end_and_the_worker_stops(slow, faults):
     assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
     assert time.monotonic() - t0 < 1.8
     assert _wait_cancelled(faults, slow.small, before) < 15
-    _assert_worker_idle(slow.small)
+    _assert_worker_idle(faults, slow.small)
 
 
 def test_grpc_cancel_stops_the_work_on_the_worker(slow, faults):
     before = _cancelled(faults, slow.small)
     call = slow.stub.ReasonStream(pb.ReasonRequest(prompt="Cancel me."), timeout=30)
-    sid = next(iter(call)).events[0].started.session_id  # the small worker is now writing step 0
-    time.sleep(0.3)
+    sid = next(iter(call)).events[0].started.session_id
+    _wait_busy(faults, slow.small)  # the small worker is writing step 0
     call.cancel()
     assert _wait_cancelled(faults, slow.small, before) < 15
-    _assert_worker_idle(slow.small)
+    _assert_worker_idle(faults, slow.small)
     s = faults.wait_for(lambda: (x := slow.stub.GetSession(pb.GetSessionRequest(session_id=sid))).status == "interrupted"
                         and not x.lease_holder and x, 5, "the session to be marked interrupted")
     assert len(s.steps) == 0
@@ -216,12 +253,13 @@ def test_http_disconnect_stops_the_work_on_the_worker(slow, faults):
         with client.stream("POST", f"{slow.patient}/v1/chat/completions", json=body) as r:
             assert r.status_code == 200
             sid = r.headers["x-glimprouter-session"]
-            next(r.iter_lines())  # the role chunk: the router is running the session
-            time.sleep(0.3)
+            lines = r.iter_lines()  # held: a dropped iterator would close the connection at once
+            next(lines)  # the role chunk: the router is running the session
+            _wait_busy(faults, slow.small)  # the small worker is writing step 0
         closed = time.monotonic()  # leaving the block closed the connection mid-stream
     assert _wait_cancelled(faults, slow.small, before) < 15
     assert time.monotonic() - closed < 1.5  # at the disconnect, not at the end of the ~2 s step
-    _assert_worker_idle(slow.small)
+    _assert_worker_idle(faults, slow.small)
     s = faults.wait_for(lambda: (x := slow.stub.GetSession(pb.GetSessionRequest(session_id=sid))).status == "interrupted"
                         and x, 5, "the session to be marked interrupted")
     assert len(s.steps) == 0
@@ -235,17 +273,8 @@ def test_worker_sigterm_turns_not_serving_and_drains_the_call_in_flight(stack, f
     req = worker_pb2.GenerateRequest(prompt=worker_pb2.Prompt(token_ids=worker_pb2.TokenIds(ids=[1, 300, 301])),
                                      sampling=worker_pb2.Sampling(max_tokens=30),
                                      stop=worker_pb2.StopCondition(step_boundary=""))
-    result: dict = {}
-
-    def generate() -> None:
-        try:
-            result["response"] = stub.Generate(req, timeout=20)
-        except grpc.RpcError as exc:
-            result["error"] = exc
-
-    t = threading.Thread(target=generate)
-    t.start()
-    time.sleep(0.3)  # ~6 of its 30 tokens (1.5 s) are written
+    call = stub.GenerateStream(req, timeout=20)
+    chunks = [next(call)]  # its first token is out: the call is in flight (30 tokens take 1.5 s)
     w.proc.send_signal(signal.SIGTERM)
     # Health says NOT_SERVING while the call in flight finishes...
     faults.wait_for(lambda: faults.health(w.address) == "NOT_SERVING", 2, "NOT_SERVING during the drain")
@@ -253,10 +282,9 @@ def test_worker_sigterm_turns_not_serving_and_drains_the_call_in_flight(stack, f
     with pytest.raises(grpc.RpcError) as err:
         stub.Glimpse(worker_pb2.GlimpseRequest(prompt=req.prompt), timeout=5)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in err.value.details()
-    t.join(20)
-    assert "error" not in result, result
-    gen = result["response"]
-    assert len(gen.token_ids) == 30 and gen.finish_reason == worker_pb2.FINISH_REASON_LENGTH  # finished, not cut
+    chunks += list(call)
+    assert sum(len(c.token_ids) for c in chunks) == 30
+    assert chunks[-1].finish_reason == worker_pb2.FINISH_REASON_LENGTH  # finished, not cut
     assert w.proc.wait(15) == 0
     ch.close()
 

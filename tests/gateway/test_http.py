@@ -215,8 +215,12 @@ def _raw_request(address: str, body: dict) -> socket.socket:
 @pytest.mark.parametrize("stream", [False, True])
 def test_client_disconnect_cancels_the_router_call(gw, fake_router, stream):
     fake_router.ended.clear()
+    calls = len(fake_router.requests)
     sock = _raw_request(urlparse(gw).netloc, {"messages": [{"role": "user", "content": "slow"}], "stream": stream})
-    time.sleep(0.5)
+    deadline = time.monotonic() + 10
+    while len(fake_router.requests) == calls:  # the gateway's call has reached the router
+        assert time.monotonic() < deadline, "the gateway never called the router"
+        time.sleep(0.01)
     sock.close()
     # The slow call would run for 30 s; ending within seconds means the gateway cancelled it.
     assert fake_router.ended.wait(5)

@@ -108,11 +108,11 @@ def otel_env(receiver: Receiver, **extra: str) -> dict[str, str]:
     }
 
 
-def start_sim(model_id: str, env: dict[str, str]) -> procs.Service:
+def start_sim(model_id: str, env: dict[str, str], *extra: str) -> procs.Service:
     return procs.start(
         "worker",
         ["services.worker", "--backend", "sim", "--model", "sim", "--model-id", model_id, "--port", "0",
-         "--sim-hard-steps", "1,3", "--sim-steps", "5", "--sim-step-tokens", "6"],
+         "--sim-hard-steps", "1,3", "--sim-steps", "5", "--sim-step-tokens", "6", *extra],
         env=env, timeout=60,
     )
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import secrets
+import signal
 import time
 import urllib.request
 
@@ -78,9 +79,12 @@ def delta(before: dict, after: dict, name: str) -> float:
     return after.get(name, 0.0) - before.get(name, 0.0)
 
 
-def wait_for_run(receiver, sid: str, n_steps: int, answer: bool, services: tuple[str, ...] = ()):
-    """The run's spans once its session span, every step span with the worker spans
-    under it (each process exports on its own schedule) and `services` are in."""
+def wait_for_run(receiver, sid: str, n_steps: int, answer: bool, services: tuple[str, ...] = (),
+                 names: tuple[str, ...] = ()):
+    """The run's spans once its session span and the router's server span above it,
+    every step span with the worker spans under it, `services` and spans named `names`
+    are in. Each process exports on its own schedule, and a span is exported when it
+    ends: the server spans that wrap a call end after everything in it."""
 
     def ready(spans):
         s = session_span(spans, sid)
@@ -93,8 +97,8 @@ def wait_for_run(receiver, sid: str, n_steps: int, answer: bool, services: tuple
         under = {a.span_id for w in workers for a in ancestors(w, by_id)}
         answered = not answer or any(x.name.endswith("/GenerateStream") and any(
             a.name.startswith("answer ") for a in ancestors(x, by_id)) for x in workers)
-        if (len(steps) >= n_steps and all(x.span_id in under for x in steps) and answered
-                and set(services) <= {x.service for x in mine}):
+        if (len(steps) >= n_steps and all(x.span_id in under for x in steps) and answered and s.parent_id in by_id
+                and set(services) <= {x.service for x in mine} and set(names) <= {x.name for x in mine}):
             return s, mine
         return None
 
@@ -219,7 +223,8 @@ def test_an_incoming_traceparent_at_the_gateway_is_the_trace_of_the_router_and_w
     sid = r.headers["x-glimprouter-session"]
     assert r.headers["traceresponse"].startswith(f"00-{trace_id}-")
     n_steps = len(r.json()["glimprouter"]["step_log"])
-    session, mine = wait_for_run(receiver, sid, n_steps, answer=False, services=("glimprouter-gateway",))
+    session, mine = wait_for_run(receiver, sid, n_steps, answer=False, services=("glimprouter-gateway",),
+                                 names=("POST /v1/chat/completions",))
     assert session.trace_id == trace_id
     by_id = {s.span_id: s for s in receiver.spans()}
     http = [s for s in mine if s.service == "glimprouter-gateway" and s.name == "POST /v1/chat/completions"]
@@ -358,30 +363,43 @@ def test_without_an_otlp_endpoint_nothing_is_exported_and_everything_works(spawn
 
 
 # ---- retries -------------------------------------------------------------------------------------------
-def test_a_retried_worker_call_is_counted_and_shown_in_the_step(traced, receiver, spawn, private_redis):
-    """Two small replicas; one dies. The first call sent to it fails UNAVAILABLE and is
-    retried on the other: one retry in the metrics and in that step's span, where the
-    failed call is a child span with its status."""
-    doomed = spawn.sim("sim-small", spawn.env(receiver))
+def test_a_retried_worker_call_is_counted_and_shown_in_the_step(traced, receiver, spawn, private_redis, faults):
+    """Two small replicas; one is draining (SIGTERM while a call is in flight on it: it
+    keeps its connections and refuses new calls with UNAVAILABLE). The first call sent to
+    it fails UNAVAILABLE and is retried on the other: one retry in the metrics and in that
+    step's span, where the failed call is a child span with its status.
+
+    (A replica that dies outright is no such case: its channel loses its connection, the
+    router's reconnect fails, and the replica is marked down before a call is sent to it.)"""
+    doomed = spawn.sim("sim-small", spawn.env(receiver), "--sim-token-latency-s", "0.05", "--sim-steps", "100")
     router = None
+    busy = grpc.insecure_channel(doomed.address)
     try:
-        # A slow health loop: the dead replica is found by a call, not by a health check.
+        # A slow health loop: the draining replica is found by a call, not by a health check.
         router = spawn.router([traced.small, doomed], traced.large, private_redis.url, "obs-retry:", spawn.env(receiver),
                               health_interval_s=60)
-        doomed.kill()
+        # Up to 20 s of decoding (400 tokens x 0.05 s) keeps the draining worker up for the test.
+        long_call = worker_pb2_grpc.ModelWorkerStub(busy).GenerateStream(wpb.GenerateRequest(
+            prompt=wpb.Prompt(token_ids=wpb.TokenIds(ids=[1, 300, 301])), sampling=wpb.Sampling(max_tokens=400),
+            stop=wpb.StopCondition(step_boundary="")), timeout=60)
+        next(long_call)  # its first tokens: the call is in flight, so SIGTERM drains the worker
+        doomed.proc.send_signal(signal.SIGTERM)
+        faults.wait_for(lambda: faults.health(doomed.address) == "NOT_SERVING", 10, "the replica to drain")
         port = int(router.ready_fields["metrics_port"])
         name = 'glimprouter_router_worker_retries_total{method="StepStream",role="small"}'
         sids = []
-        for _ in range(12):  # each new session goes to the dead replica with probability 1/2
+        for _ in range(12):  # each new session goes to the draining replica with probability 1/2
             sids.append(stub(router).Reason(pb.ReasonRequest(prompt=PROMPT), timeout=60).session_id)
             if scrape(port).get(name, 0) > 0:
                 break
         metrics = scrape(port)
         assert metrics[name] == 1
         assert metrics[f'glimprouter_router_worker_calls_total{{code="UNAVAILABLE",endpoint="{doomed.address}",method="StepStream",role="small"}}'] == 1
+        long_call.cancel()
     finally:
         if router is not None:
             router.stop()
+        busy.close()
         doomed.kill()
 
     def retried(spans):
