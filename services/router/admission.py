@@ -11,7 +11,7 @@ import dataclasses
 import math
 import re
 
-from services.router.api.types import Entropy, GlimpseMode, ReasonRequest
+from services.router.api.types import CatchUp, Entropy, GlimpseMode, ReasonRequest
 from services.router.config import RouterSettings
 from services.router.errors import InvalidArgument, LimitExceeded, ShuttingDown
 from services.router.policies import make_policy
@@ -52,6 +52,8 @@ def validate(req: ReasonRequest, options: SessionOptions) -> None:
         raise InvalidArgument(f"glimpse_mode must be fused or separate, got {r.glimpse_mode!r}")
     if not isinstance(r.entropy, Entropy):
         raise InvalidArgument(f"entropy must be top_k or full, got {r.entropy!r}")
+    if r.catch_up is not None and not isinstance(r.catch_up, CatchUp):
+        raise InvalidArgument(f"catch_up must be eager or lazy, got {r.catch_up!r}")
     if not 1 <= r.top_k <= 100:
         raise InvalidArgument(f"top_k must be in [1, 100], got {r.top_k}")
     b = options.budgets
@@ -82,6 +84,8 @@ def admit(req: ReasonRequest, settings: RouterSettings, *, draining: bool, activ
     """The request's options, or the reason it is refused."""
     options, given = resolve(req)
     validate(req, options)
+    if options.routing.catch_up is None:  # a session keeps the default it started with
+        options.routing.catch_up = CatchUp(settings.catch_up)
     if draining:
         raise ShuttingDown(f"router {holder} is shutting down; retry on another replica")
     if active >= settings.max_concurrent:

@@ -27,6 +27,8 @@ class RouterSettings:
     request_timeout_s: float = setting(600.0, "deadline for a request that carries none")
     stream_interval_ms: int = setting(50, "text a writer produces waits up to this long (at the worker, then here) to be sent with what follows it; a call's first text goes at once (0: every token as it comes, at more CPU per step)")
     stream_messages_per_s: int = setting(400, "messages a second this router sends over all its ReasonStreams at most: each stream gets an equal share (its gap grows past --stream-interval-ms when many are open), which bounds the CPU streaming costs (0: no bound)")
+    catch_up: str = setting("eager", "when the model not writing a step reads it, unless a request says: eager (its worker prefills the step's tokens as they stream, off the critical path) or lazy (at its next call)", choices=["eager", "lazy"])
+    catch_up_tokens: int = setting(16, "eager catch-up sends the other worker the step's tokens in chunks of this many (at most one Extend in flight per session): a switch leaves at most one chunk to prefill")
     worker_retries: int = setting(2, "retries of a failed worker call on another replica (within the deadline)")
     health_interval_s: float = setting(2.0, "seconds between health checks of each worker endpoint")
     connect_timeout_s: float = setting(60.0, "seconds to wait at startup for each pool to answer GetModelInfo")

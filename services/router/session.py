@@ -16,6 +16,7 @@ from typing import Any
 from services.router.api.types import (
     AnswerBy,
     Budgets,
+    CatchUp,
     Decision,
     Entropy,
     GlimpseMode,
@@ -69,8 +70,9 @@ class SessionOptions:
     def from_json(cls, text: str) -> "SessionOptions":
         d = json.loads(text)
         r = d["routing"]
+        catch_up = r.get("catch_up")  # sessions stored before catch-up existed: the router's default
         routing = RoutingOptions(r["policy"], r["threshold"], r["params"], GlimpseMode(r["glimpse_mode"]),
-                                 Entropy(r["entropy"]), r["top_k"])
+                                 Entropy(r["entropy"]), r["top_k"], CatchUp(catch_up) if catch_up else None)
         by = d.get("answer_by")
         return cls(routing, Budgets(**d["budgets"]), SamplingOptions(**d["sampling"]),
                    AnswerBy(by) if by not in (None, "auto") else None, d["think"])
@@ -116,6 +118,8 @@ class Record:
     latency_ms: float = 0.0
     worker_ms: float = 0.0
     finish_reason: str = ""
+    critical_prefill_tokens: int = 0
+    critical_prefill_ms: float = 0.0
     prefix_end: dict[str, int] = field(default_factory=dict)  # view -> prefix length after this record
     end_reason: str = ""  # on the step that ended thinking: why
 
@@ -144,6 +148,7 @@ class Record:
             Decision(self.decision) if self.decision else None, self.entropy, self.threshold, self.text, self.tokens,
             self.discarded_tokens, self.cached_tokens, self.prefilled_tokens, self.latency_ms, self.worker_ms,
             self.finish_reason, token_ids if token_ids is not None else [],
+            self.critical_prefill_tokens, self.critical_prefill_ms,
         )
 
 

@@ -7,6 +7,12 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class CatchUp(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CATCH_UP_UNSPECIFIED: _ClassVar[CatchUp]
+    CATCH_UP_EAGER: _ClassVar[CatchUp]
+    CATCH_UP_LAZY: _ClassVar[CatchUp]
+
 class GlimpseMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     GLIMPSE_MODE_UNSPECIFIED: _ClassVar[GlimpseMode]
@@ -43,6 +49,9 @@ class PrefixMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PREFIX_MODE_UNSPECIFIED: _ClassVar[PrefixMode]
     PREFIX_MODE_TOKENS: _ClassVar[PrefixMode]
     PREFIX_MODE_TEXT: _ClassVar[PrefixMode]
+CATCH_UP_UNSPECIFIED: CatchUp
+CATCH_UP_EAGER: CatchUp
+CATCH_UP_LAZY: CatchUp
 GLIMPSE_MODE_UNSPECIFIED: GlimpseMode
 GLIMPSE_MODE_FUSED: GlimpseMode
 GLIMPSE_MODE_SEPARATE: GlimpseMode
@@ -72,7 +81,7 @@ class Message(_message.Message):
     def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
 
 class RoutingOptions(_message.Message):
-    __slots__ = ("policy", "threshold", "params", "glimpse_mode", "entropy", "top_k")
+    __slots__ = ("policy", "threshold", "params", "glimpse_mode", "entropy", "top_k", "catch_up")
     class ParamsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -86,13 +95,15 @@ class RoutingOptions(_message.Message):
     GLIMPSE_MODE_FIELD_NUMBER: _ClassVar[int]
     ENTROPY_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
+    CATCH_UP_FIELD_NUMBER: _ClassVar[int]
     policy: str
     threshold: float
     params: _containers.ScalarMap[str, float]
     glimpse_mode: GlimpseMode
     entropy: Entropy
     top_k: int
-    def __init__(self, policy: _Optional[str] = ..., threshold: _Optional[float] = ..., params: _Optional[_Mapping[str, float]] = ..., glimpse_mode: _Optional[_Union[GlimpseMode, str]] = ..., entropy: _Optional[_Union[Entropy, str]] = ..., top_k: _Optional[int] = ...) -> None: ...
+    catch_up: CatchUp
+    def __init__(self, policy: _Optional[str] = ..., threshold: _Optional[float] = ..., params: _Optional[_Mapping[str, float]] = ..., glimpse_mode: _Optional[_Union[GlimpseMode, str]] = ..., entropy: _Optional[_Union[Entropy, str]] = ..., top_k: _Optional[int] = ..., catch_up: _Optional[_Union[CatchUp, str]] = ...) -> None: ...
 
 class Budgets(_message.Message):
     __slots__ = ("step_tokens", "thinking_tokens", "answer_tokens", "max_steps")
@@ -171,7 +182,7 @@ class StepDelta(_message.Message):
     def __init__(self, index: _Optional[int] = ..., text: _Optional[str] = ..., tokens: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class StepEvent(_message.Message):
-    __slots__ = ("index", "turn", "role", "model_id", "decision", "entropy", "threshold", "text", "tokens", "discarded_tokens", "cached_tokens", "prefilled_tokens", "latency_ms", "worker_ms", "finish_reason", "token_ids")
+    __slots__ = ("index", "turn", "role", "model_id", "decision", "entropy", "threshold", "text", "tokens", "discarded_tokens", "cached_tokens", "prefilled_tokens", "latency_ms", "worker_ms", "finish_reason", "token_ids", "critical_prefill_tokens", "critical_prefill_ms")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     TURN_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
@@ -188,6 +199,8 @@ class StepEvent(_message.Message):
     WORKER_MS_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    CRITICAL_PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CRITICAL_PREFILL_MS_FIELD_NUMBER: _ClassVar[int]
     index: int
     turn: int
     role: Role
@@ -204,7 +217,9 @@ class StepEvent(_message.Message):
     worker_ms: float
     finish_reason: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, index: _Optional[int] = ..., turn: _Optional[int] = ..., role: _Optional[_Union[Role, str]] = ..., model_id: _Optional[str] = ..., decision: _Optional[_Union[Decision, str]] = ..., entropy: _Optional[float] = ..., threshold: _Optional[float] = ..., text: _Optional[str] = ..., tokens: _Optional[int] = ..., discarded_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., prefilled_tokens: _Optional[int] = ..., latency_ms: _Optional[float] = ..., worker_ms: _Optional[float] = ..., finish_reason: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    critical_prefill_tokens: int
+    critical_prefill_ms: float
+    def __init__(self, index: _Optional[int] = ..., turn: _Optional[int] = ..., role: _Optional[_Union[Role, str]] = ..., model_id: _Optional[str] = ..., decision: _Optional[_Union[Decision, str]] = ..., entropy: _Optional[float] = ..., threshold: _Optional[float] = ..., text: _Optional[str] = ..., tokens: _Optional[int] = ..., discarded_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., prefilled_tokens: _Optional[int] = ..., latency_ms: _Optional[float] = ..., worker_ms: _Optional[float] = ..., finish_reason: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., critical_prefill_tokens: _Optional[int] = ..., critical_prefill_ms: _Optional[float] = ...) -> None: ...
 
 class RoleStats(_message.Message):
     __slots__ = ("steps", "generated_tokens", "discarded_tokens", "glimpses", "prefilled_tokens", "cached_tokens", "worker_ms")

@@ -9,6 +9,7 @@ from services.router.api.types import (  # noqa: F401
     AnswerBy,
     AnswerDelta,
     Budgets,
+    CatchUp,
     Decision,
     Done,
     Entropy,

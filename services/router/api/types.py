@@ -43,6 +43,14 @@ class Entropy(str, enum.Enum):
     FULL = "full"
 
 
+class CatchUp(str, enum.Enum):
+    """When the model that is not writing a step reads it: EAGER while it streams
+    (Extend on the other worker), LAZY at its next call (prefix caching only)."""
+
+    EAGER = "eager"
+    LAZY = "lazy"
+
+
 class AnswerBy(str, enum.Enum):
     """Who writes the answer after the steps; None (unspecified): LARGE for thinking
     models, NONE for plain instruct models, whose steps are the answer."""
@@ -72,6 +80,7 @@ class RoutingOptions:
     glimpse_mode: GlimpseMode | None = None
     entropy: Entropy | None = None
     top_k: int | None = None
+    catch_up: CatchUp | None = None
 
 
 @dataclass
@@ -186,6 +195,10 @@ class Step:
     worker_ms: float = 0.0  # the part spent waiting on workers
     finish_reason: str = ""
     token_ids: list[int] = field(default_factory=list)  # with include_token_ids
+    # Prompt tokens this step's worker calls prefilled while the request waited, and
+    # the workers' prefill time for them (a switch's cost; catch-up shrinks it).
+    critical_prefill_tokens: int = 0
+    critical_prefill_ms: float = 0.0
 
     def routing(self) -> dict:
         """The step without its text or ids, JSON-safe: what the gateway reports per step."""
@@ -204,6 +217,8 @@ class Step:
             "latency_ms": self.latency_ms,
             "worker_ms": self.worker_ms,
             "finish_reason": self.finish_reason,
+            "critical_prefill_tokens": self.critical_prefill_tokens,
+            "critical_prefill_ms": self.critical_prefill_ms,
         }
 
 
