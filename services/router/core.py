@@ -26,7 +26,7 @@ from typing import AsyncIterator
 from redis.exceptions import RedisError
 
 from services.router import admission, spans
-from services.router.api.types import Done, Event, PrefixView, ReasonRequest, Role, SessionInfo, Started, Step
+from services.router.api.types import CatchUp, Done, Event, PrefixView, ReasonRequest, Role, SessionInfo, Started, Step
 from services.router.config import RouterSettings
 from services.router.errors import (
     FailedPrecondition,
@@ -186,7 +186,8 @@ class RouterCore:
             spans.turn(span, options, policy)
             loop = StepLoop(state, options, policy, small, large, _LeaseWriter(self.store, lease, state, affinity), emit,
                             include_token_ids=req.include_token_ids, max_session_steps=self.settings.max_session_steps,
-                            attempts=self.settings.worker_retries + 1, token_cache=self.turns.constants)
+                            attempts=self.settings.worker_retries + 1, token_cache=self.turns.constants,
+                            catch_up=CatchUp(self.settings.catch_up), catch_up_tokens=self.settings.catch_up_tokens)
             await loop.run()
         except asyncio.CancelledError:
             reason = lease.stop_reason

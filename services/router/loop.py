@@ -29,6 +29,7 @@ from services.router import spans
 from services.router.api.types import (
     AnswerBy,
     AnswerDelta,
+    CatchUp,
     Decision,
     Done,
     Event,
@@ -39,6 +40,7 @@ from services.router.api.types import (
     StepDelta,
     StepStart,
 )
+from services.router.catchup import DEFAULT_CHUNK_TOKENS, EagerCatchUp
 from services.router.errors import SessionCancelled, WorkerFault
 from services.router.policies import Policy, StepOutcome
 from services.router.session import STEP_BOUNDARY, Kind, Record, SessionOptions, TurnState, views_for
@@ -55,6 +57,8 @@ from services.worker.types import (
     Glimpse,
     SamplingParams,
     StopParams,
+    Timings,
+    Usage,
 )
 
 Emit = Callable[[Event], Awaitable[None]]
@@ -101,6 +105,13 @@ class _Ctx:
         self.stop = StopParams(STEP_BOUNDARY, (loop.state.think_end,) if loop.state.think else (), True)
         self.worker_ms = 0.0
         self.started: Role | None = None
+        # Prompt tokens this attempt's calls prefilled while the request waited.
+        self.prefill_tokens = 0
+        self.prefill_ms = 0.0
+
+    def _prefilled(self, usage: Usage, timings: Timings) -> None:
+        self.prefill_tokens += usage.prefilled_tokens
+        self.prefill_ms += timings.prefill_ms
 
     def _prefix(self, role: Role) -> list[int]:
         return self.loop.state.prefixes[self.loop.views[role]]
@@ -139,6 +150,8 @@ class _Ctx:
     # ---- what a policy calls ------------------------------------------------------------
     async def announce(self, role: Role, value: float, threshold: float) -> None:
         self.started = role
+        if self.loop.catchup is not None:
+            self.loop.catchup.step_written_by(role)
         decision = Decision.SMALL if role is Role.SMALL else Decision.LARGE
         await self.loop.emit(StepStart(self.index, self.loop.state.turn, role, self.loop.worker(role).info.model_id,
                                        decision, value, threshold, self.attempt))
@@ -149,26 +162,33 @@ class _Ctx:
         async with contextlib.aclosing(self._items(chunks)) as items:
             async for chunk in items:
                 if chunk.text or chunk.token_ids:
+                    self.loop.follow(chunk.token_ids, chunk.text)
                     await self.loop.emit(StepDelta(self.index, chunk.text, len(chunk.token_ids),
                                                    list(chunk.token_ids) if ids else []))
                 if chunk.final is not None:
                     final = chunk.final
         if final is None:
             raise WorkerFault("the worker's stream ended without its final chunk")
+        self._prefilled(final.usage, final.timings)
         return final
 
     async def glimpse(self) -> Glimpse:
-        return await self._timed(self.loop.small.glimpse(self._prefix(Role.SMALL), self.top_k))
+        g = await self._timed(self.loop.small.glimpse(self._prefix(Role.SMALL), self.top_k))
+        self._prefilled(g.usage, g.timings)
+        return g
 
     async def write(self, role: Role, value: float = math.nan, threshold: float = math.nan) -> Generation:
         await self.announce(role, value, threshold)
         return await self._show(self.loop.worker(role).generate_stream(self._request(role)))
 
     async def draft(self, role: Role, return_entropies: bool = False) -> Generation:
-        return await self._timed(self.loop.worker(role).generate(self._request(role, return_entropies)))
+        gen = await self._timed(self.loop.worker(role).generate(self._request(role, return_entropies)))
+        self._prefilled(gen.usage, gen.timings)
+        return gen
 
     async def keep(self, role: Role, draft: Generation, value: float = math.nan, threshold: float = math.nan) -> None:
         await self.announce(role, value, threshold)
+        self.loop.follow(draft.token_ids, draft.text)
         ids = list(draft.token_ids) if self.loop.include_token_ids else []
         await self.loop.emit(StepDelta(self.index, draft.text, len(draft.token_ids), ids))
 
@@ -185,6 +205,7 @@ class _Ctx:
                         await self.announce(Role.SMALL, item.entropy, tau)
                     continue  # on ESCALATE nothing follows: the large model writes the step
                 if item.text or item.token_ids:
+                    self.loop.follow(item.token_ids, item.text)
                     await self.loop.emit(StepDelta(self.index, item.text, len(item.token_ids),
                                                    list(item.token_ids) if ids else []))
                 if item.final is not None:
@@ -192,9 +213,11 @@ class _Ctx:
         if head is None:
             raise WorkerFault("the small worker's Step stream ended without a decision")
         if head.decision is StepDecision.ESCALATE:
+            self._prefilled(head.glimpse.usage, head.glimpse.timings)
             return StepOutcome(Role.LARGE, await self.write(Role.LARGE, head.entropy, tau), head.entropy, tau, glimpses=1)
         if gen is None:
             raise WorkerFault("the small worker's Step stream ended without its final chunk")
+        self._prefilled(gen.usage, gen.timings)  # the glimpse's prefill is this call's
         return StepOutcome(Role.SMALL, gen, head.entropy, tau, glimpses=1)
 
     async def score(self, draft: Generation, judge_text: str, top_k: int) -> Glimpse:
@@ -204,7 +227,9 @@ class _Ctx:
         else:
             draft_ids = await self._timed(large.tokenize(draft.text))
         judge = await self.loop.cached_tokens(Role.LARGE, judge_text)
-        return await self._timed(large.glimpse(self._prefix(Role.LARGE) + draft_ids + judge, top_k))
+        g = await self._timed(large.glimpse(self._prefix(Role.LARGE) + draft_ids + judge, top_k))
+        self._prefilled(g.usage, g.timings)
+        return g
 
 
 class StepLoop:
@@ -222,6 +247,8 @@ class StepLoop:
         max_session_steps: int = 0,
         attempts: int = 3,
         token_cache: dict | None = None,
+        catch_up: CatchUp = CatchUp.LAZY,
+        catch_up_tokens: int = DEFAULT_CHUNK_TOKENS,
     ) -> None:
         self.state = state
         self.options = options
@@ -237,9 +264,18 @@ class StepLoop:
         # Tokens of constant texts (the answer's join, the verify judge) per model: the
         # same for every session, so a router shares one cache.
         self._token_cache: dict[tuple[Role, str], list[int]] = {} if token_cache is None else token_cache
+        # The session's own choice, else the router's default.
+        self.catch_up = options.routing.catch_up or catch_up
+        self.catch_up_tokens = catch_up_tokens
+        self.catchup: EagerCatchUp | None = None
 
     def worker(self, role: Role) -> WorkerClient:
         return self.small if role is Role.SMALL else self.large
+
+    def follow(self, ids, text: str) -> None:
+        """A piece of the step being written: eager catch-up passes it to the other model."""
+        if self.catchup is not None:
+            self.catchup.tokens(ids, text)
 
     async def cached_tokens(self, role: Role, text: str) -> list[int]:
         key = (role, text)
@@ -269,9 +305,35 @@ class StepLoop:
         await self.writer.append(entries, fields, turn_end=turn_end)
         for record, tokens in entries:  # only after the store accepted them do the records count
             self.state.accept(record, tokens)
+        if self.catchup is not None:
+            self.catchup.stored()
 
     # ---- the turn ------------------------------------------------------------------
     async def run(self) -> None:
+        if self.catch_up is CatchUp.EAGER:
+            self.catchup = EagerCatchUp(
+                {Role.SMALL: self.small, Role.LARGE: self.large}, self._callers,
+                lambda role: self.state.prefixes[self.views[role]], self.state.mode, self.catch_up_tokens,
+            )
+            self.catchup.stored()  # the prompt (or the steps a resumed turn starts from)
+        try:
+            await self._run()
+        finally:
+            if self.catchup is not None:
+                await self.catchup.close()  # a pending catch-up stops with the turn
+
+    def _callers(self) -> frozenset[Role]:
+        """The models this turn may still call (eager catch-up follows only those): the
+        policy's while thinking, then the answer's writer until the answer is stored."""
+        st = self.state
+        answer = answer_writer(self.options, st.think)
+        if not st.thinking_end:
+            return self.policy.reads | ({answer} if answer is not None else frozenset())
+        if answer is not None and st.answer_record is None and needs_answer(self.options, st.think, st.thinking_end):
+            return frozenset({answer})
+        return frozenset()
+
+    async def _run(self) -> None:
         started = time.perf_counter()
         st = self.state
         while not st.thinking_end:
@@ -357,6 +419,8 @@ class StepLoop:
                 latency_ms=(time.perf_counter() - t0) * 1e3,
                 worker_ms=ctx.worker_ms,
                 finish_reason=gen.finish_reason.value,
+                critical_prefill_tokens=ctx.prefill_tokens,
+                critical_prefill_ms=ctx.prefill_ms,
                 end_reason=end,
             )
             fields = {"steps": str(index + 1)}
@@ -416,6 +480,8 @@ class StepLoop:
             latency_ms=(time.perf_counter() - t0) * 1e3,
             worker_ms=worker_ms,
             finish_reason=final.finish_reason.value,
+            critical_prefill_tokens=final.usage.prefilled_tokens,
+            critical_prefill_ms=final.timings.prefill_ms,
         )
         entries.append((record, await self._tokens_by_view(role, final.token_ids, final.text)))
         answer = final.text if st.think else self._steps_answer() + final.text

@@ -73,6 +73,16 @@ TOKENS = Counter(
     "Tokens by model and phase: glimpse (one per glimpse), step, answer, discarded (drafts thrown away)",
     ["model", "phase"],
 )
+CATCH_UPS = Counter(
+    "glimprouter_router_catch_ups_total",
+    "Eager catch-up calls (Extend) to the model not writing the step, by role and outcome (ok, error)",
+    ["role", "outcome"],
+)
+CATCH_UP_TOKENS = Counter(
+    "glimprouter_router_catch_up_prefilled_tokens_total",
+    "Prompt tokens workers prefilled for eager catch-up, off the critical path, by role",
+    ["role"],
+)
 RESTARTS = Counter("glimprouter_router_step_restarts_total", "Steps written again after a worker fault mid-step, by policy", ["policy"])
 ACTIVE = Gauge("glimprouter_router_active_sessions", "Sessions this router is working on now")
 WORKER_CALLS = Counter(
@@ -85,7 +95,7 @@ WORKER_CALL_DURATION = Histogram(
 )
 WORKER_PROMPT_TOKENS = Counter(
     "glimprouter_router_worker_prompt_tokens_total",
-    "Prompt tokens the router's calls had each worker prefill, or found in its KV cache (kind=cached)",
+    "Prompt tokens the router's calls had each worker prefill, or found in its KV cache (kind=cached), or prefill off the critical path for eager catch-up (kind=caught_up)",
     ["role", "endpoint", "kind"],
 )
 RETRIES = Counter(
@@ -120,9 +130,13 @@ def worker_call(role: str, endpoint: str, method: str, code: str, seconds: float
     """A worker call ended (workers.py): OK with the usage the worker reported, or a gRPC code name."""
     child(WORKER_CALLS, role, endpoint, method, code).inc()
     child(WORKER_CALL_DURATION, role, method).observe(seconds)
-    if usage is not None:
-        child(WORKER_PROMPT_TOKENS, role, endpoint, "prefilled").inc(usage.prefilled_tokens)
-        child(WORKER_PROMPT_TOKENS, role, endpoint, "cached").inc(usage.cached_tokens)
+    if usage is None:
+        return
+    if method == "Extend":  # a catch-up reads no prompt: what it prefilled is counted apart
+        child(WORKER_PROMPT_TOKENS, role, endpoint, "caught_up").inc(usage.prefilled_tokens)
+        return
+    child(WORKER_PROMPT_TOKENS, role, endpoint, "prefilled").inc(usage.prefilled_tokens)
+    child(WORKER_PROMPT_TOKENS, role, endpoint, "cached").inc(usage.cached_tokens)
 
 
 def message(stream: str, direction: str) -> None:
@@ -200,3 +214,9 @@ class SessionMetrics:
             ACTIVE.dec()
             self.active = False
         child(SESSION_DURATION, self.policy_name, code).observe(time.perf_counter() - self.t0)
+
+
+def catch_up(role: str, outcome: str, prefilled: int) -> None:
+    child(CATCH_UPS, role, outcome).inc()
+    if prefilled:
+        child(CATCH_UP_TOKENS, role).inc(prefilled)

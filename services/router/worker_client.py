@@ -10,7 +10,17 @@ import abc
 from typing import AsyncIterator, Sequence
 
 from services.worker.engine import CancelToken, Engine
-from services.worker.types import ChatMessage, Chunk, Decided, Gate, GenerateRequest, Generation, Glimpse, ModelInfo
+from services.worker.types import (
+    ChatMessage,
+    Chunk,
+    Decided,
+    Extension,
+    Gate,
+    GenerateRequest,
+    Generation,
+    Glimpse,
+    ModelInfo,
+)
 
 
 class WorkerClient(abc.ABC):
@@ -41,6 +51,11 @@ class WorkerClient(abc.ABC):
     @abc.abstractmethod
     def generate_stream(self, req: GenerateRequest) -> AsyncIterator[Chunk]:
         """Streamed generation; the last chunk carries `final`."""
+
+    @abc.abstractmethod
+    async def extend(self, prompt: list[int]) -> Extension:
+        """Catch-up: the session's KV state on its worker grows to `prompt` (see
+        catchup.py); nothing is generated. Only ever an optimisation: may raise."""
 
 
 class EngineClient(WorkerClient):
@@ -78,6 +93,13 @@ class EngineClient(WorkerClient):
                 yield chunk
         finally:
             cancel.cancel()
+
+    async def extend(self, prompt):
+        cancel = CancelToken()
+        try:
+            return await self.engine.extend(list(prompt), self.session_id, cancel)
+        finally:
+            cancel.cancel()  # a catch-up cancelled (the turn ended) stops on the worker
 
 
 class LocalPool:

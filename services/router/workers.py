@@ -289,6 +289,32 @@ class WorkerPool:
         affinity[self.role] = chosen.address
         return chosen
 
+    async def extend(self, session_id: str, affinity: dict[str, str], request):
+        """A catch-up call: to the session's home only, once. Never retried elsewhere and
+        never a reason to re-home the session (another replica holds none of its state);
+        a session without a home yet gets the one its first real call would get."""
+        current = affinity.get(self.role)
+        if current is None:
+            ep = self.pick(session_id, affinity, set())
+        else:
+            ep = next((e for e in self.endpoints if e.address == current), None)
+            if ep is None or not self._up(ep):
+                raise WorkersUnavailable(f"the session's {self.role} worker {current} is down; no catch-up")
+        t0 = time.perf_counter()
+        try:
+            out = await ep.mux.call("Extend", request, self._timeout())
+        except grpc.aio.AioRpcError as exc:
+            self._ended(ep, "Extend", exc.code().name, t0)
+            if exc.code() is grpc.StatusCode.UNAVAILABLE:
+                self._down(ep, f"Extend failed: {exc.details()}")
+            raise WorkerFault(f"Extend on {self.role} worker {ep.address} failed: {exc.code().name}") from None
+        except asyncio.CancelledError:
+            self._ended(ep, "Extend", "CANCELLED", t0)
+            raise
+        ep.last_ok = time.monotonic()
+        self._ended(ep, "Extend", "OK", t0, _usage(out))
+        return out
+
     def _timeout(self) -> float:
         deadline = DEADLINE.get()
         if deadline is None:
@@ -453,6 +479,10 @@ class BoundWorker(WorkerClient):
         async for c in self.pool.stream(self.session_id, self.affinity, "GenerateStream", protomap.generate_request_to_pb(req)):
             yield reader.read(c)
 
+    async def extend(self, prompt):
+        r = await self.pool.extend(self.session_id, self.affinity, protomap.extend_request_to_pb(prompt, self.session_id))
+        return protomap.extension_from_pb(r)
+
 
 def _usage(response):
     """The usage a worker reported for a call (the worker's own metrics use the same rule)."""
@@ -460,6 +490,6 @@ def _usage(response):
         return None
     if isinstance(response, pb.StepChunk):
         return response.chunk.usage if response.HasField("chunk") else response.glimpse.usage
-    if isinstance(response, (pb.GlimpseResponse, pb.GenerateResponse, pb.GenerateChunk)):
+    if isinstance(response, (pb.GlimpseResponse, pb.GenerateResponse, pb.GenerateChunk, pb.ExtendResponse)):
         return response.usage
     return None

@@ -12,7 +12,11 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 REQUESTS = Counter("glimprouter_worker_requests_total", "Worker calls by method and gRPC code", ["model", "method", "code"])
 DURATION = Histogram("glimprouter_worker_request_duration_seconds", "Worker call time", ["model", "method"], buckets=_LATENCY_BUCKETS)
 QUEUE = Histogram("glimprouter_worker_queue_seconds", "Time a call waited for the model", ["model"], buckets=_LATENCY_BUCKETS)
-PROMPT_TOKENS = Counter("glimprouter_worker_prompt_tokens_total", "Prompt tokens by whether their KV state was reused", ["model", "kind"])
+PROMPT_TOKENS = Counter(
+    "glimprouter_worker_prompt_tokens_total",
+    "Prompt tokens by whether their KV state was reused (prefilled, cached), and tokens prefilled ahead for catch-up (Extend: caught_up)",
+    ["model", "kind"],
+)
 GENERATED = Counter("glimprouter_worker_generated_tokens_total", "Tokens generated", ["model", "method"])
 DECISIONS = Counter("glimprouter_worker_step_decisions_total", "Fused Step outcomes", ["model", "decision"])
 READY = Gauge("glimprouter_worker_ready", "1 once the model is loaded and warm", ["model"])
@@ -35,7 +39,9 @@ def record(model: str, method: str, code: str, seconds: float, response=None) ->
     usage, timings = _usage_and_timings(response) if response is not None else (None, None)
     span = trace.get_current_span()
     attrs: dict = {"gen_ai.request.model": model, "glimprouter.worker.method": method}
-    if usage is not None and timings is not None:
+    if usage is not None and timings is not None and method == "Extend":
+        PROMPT_TOKENS.labels(model, "caught_up").inc(usage.prefilled_tokens)
+    elif usage is not None and timings is not None:
         PROMPT_TOKENS.labels(model, "prefilled").inc(usage.prefilled_tokens)
         PROMPT_TOKENS.labels(model, "cached").inc(usage.cached_tokens)
         GENERATED.labels(model, method).inc(usage.generated_tokens)

@@ -86,6 +86,8 @@ class Policy(abc.ABC):
     signal: ClassVar[str] = "none"
     params: ClassVar[dict[str, Param]] = {}
     uses_threshold: ClassVar[bool] = False
+    # The models its steps may call: eager catch-up follows only these (and the answer's writer).
+    reads: ClassVar[frozenset[Role]] = frozenset(Role)
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)

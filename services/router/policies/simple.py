@@ -10,6 +10,7 @@ from services.router.policies.base import Param, Policy, StepContext, StepOutcom
 class LargeOnly(Policy):
     name = "large-only"
     summary = "the large model writes every step"
+    reads = frozenset({Role.LARGE})
 
     async def write_step(self, ctx: StepContext) -> StepOutcome:
         return StepOutcome(Role.LARGE, await ctx.write(Role.LARGE))
@@ -18,6 +19,7 @@ class LargeOnly(Policy):
 class SmallOnly(Policy):
     name = "small-only"
     summary = "the small model writes every step"
+    reads = frozenset({Role.SMALL})
 
     async def write_step(self, ctx: StepContext) -> StepOutcome:
         return StepOutcome(Role.SMALL, await ctx.write(Role.SMALL))
