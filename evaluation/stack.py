@@ -129,7 +129,8 @@ def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 
 def usage_delta(before: dict, after: dict) -> dict[str, float]:
-    """What one worker did between two scrapes: prompt tokens prefilled and reused,
+    """What one worker did between two scrapes: prompt tokens prefilled and reused by
+    its calls, prompt tokens prefilled ahead by eager catch-up (Extend: caught_up),
     tokens generated, and seconds spent per call method."""
     def total(name: str, **match: str) -> float:
         s = 0.0
@@ -141,6 +142,7 @@ def usage_delta(before: dict, after: dict) -> dict[str, float]:
     out = {
         "prefilled": total("glimprouter_worker_prompt_tokens_total", kind="prefilled"),
         "cached": total("glimprouter_worker_prompt_tokens_total", kind="cached"),
+        "caught_up": total("glimprouter_worker_prompt_tokens_total", kind="caught_up"),
         "generated": total("glimprouter_worker_generated_tokens_total"),
     }
     for method in ("Glimpse", "Step", "StepStream", "Generate", "GenerateStream", "Tokenize", "RenderPrompt", "Extend"):
