@@ -62,6 +62,10 @@ QWEN3_32B_H20 = SimModelSpeed(token_latency_s=2049 / 20.72 / 2048,
                               prefill_latency_s=(8192 / 77.82 - 2049 / 20.72) / 6143)
 
 
+# The sim layout's model ids: what the sim workers report and results record.
+SIM_MODELS = {"small": "sim-qwen3-4b-h20", "large": "sim-qwen3-32b-h20"}
+
+
 @dataclass(frozen=True)
 class SimPair:
     """The sim layout's two workers: speeds, and one script both follow (same seed)."""
