@@ -285,7 +285,7 @@ def kept_steps(results: list[dict]) -> tuple[float, float, int]:
 
 def describe(run: LayoutRun, args: argparse.Namespace) -> str:
     if run.layout == "default":
-        threads = f"--threads {args.threads}" + (" (all cores)" if args.threads == 0 else "")
+        threads = f"`--threads {args.threads}`" + (": all cores" if args.threads == 0 else "")
         return (f"Both llama.cpp workers (small `{args.small}`, large `{args.large}`) on all of the machine's cores "
                 f"({threads}): when both work at once, as eager catch-up makes them, they compete for the cores.")
     if run.layout == "pinned":
@@ -457,7 +457,8 @@ def section(runs: list[LayoutRun], args: argparse.Namespace) -> str:
         f"per problem): glimpse at tau = {args.tau:g} (fused) with eager catch-up (`{lb.eager}`: while one model "
         "writes a step, the other model's worker prefills its tokens in chunks through `Extend`), the same with lazy "
         f"catch-up (`{lb.lazy}`: the other model prefills what it missed at its next call), and `{lb.large}`"
-        + (f"; in the default layout also `{lb.separate}` on the first {args.separate_problems} problem(s)"
+        + (f"; in the default layout also `{lb.separate}` on the first "
+           + (f"{args.separate_problems} problems" if args.separate_problems != 1 else "problem")
            if args.separate_problems > 0 and "default" in args.layouts else "")
         + f". Budgets: {args.step_tokens} tokens per step, {args.thinking_tokens} per problem, {args.max_steps} steps.",
         "",
