@@ -333,7 +333,7 @@ def layout_lines(run: LayoutRun, args: argparse.Namespace, lb: Labels) -> list[s
     speed_of = {id(r): local.get(i, {}) for i, r in enumerate(results.records)}
     cals = [r for r in results.of_kind("calibration") if "large" in r]
     minutes = f"{run.wall_s / 60:.1f} min" if run.wall_s == run.wall_s else "not recorded"
-    n = len(run.opts.problems)
+    n = len({r["problem"] for r in res}) or len(run.opts.problems)  # what ran (a report may mix runs' flags)
     lines += ["", f"The first {n} problem{'s' if n != 1 else ''} of the sample set; this layout's run took {minutes}."]
     lo = rows.get(lb.large)
     base = lo["measured_over_ideal"] if lo else None
