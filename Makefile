@@ -80,11 +80,15 @@ bench-worker: $(STAMP) models-test models
 bench-router: $(STAMP)
 	$(PY) -m benchmarks.router_bench
 
-# GlimpRouter end to end on the default pair: glimpse against large-only (latency,
-# accuracy on the sample set), measured against the ideal, fused against separate
-# glimpses, prefill with and without KV reuse, and the step-level AUROC (~15 min).
+# GlimpRouter end to end: glimpse with eager and with lazy catch-up against large-only
+# (latency against the ideal, switches between models and the prefill each leaves on
+# the critical path, accuracy on the sample set) in three layouts run in turn: the
+# default pair on all cores, the same pair with each worker pinned to a core of its own,
+# and sim workers with a GPU pair's latencies (~35-45 min on 2 quiet cores). E2E_ARGS
+# passes options, e.g. make bench-e2e E2E_ARGS="--layouts sim" or "--step-sample 12".
+E2E_ARGS ?=
 bench-e2e: $(STAMP) models
-	$(PY) -m benchmarks.e2e_bench
+	$(PY) -m benchmarks.e2e_bench $(E2E_ARGS)
 
 # Every benchmark, each rewriting its own section of docs/benchmarks.md (~30 min on
 # 2 cores).

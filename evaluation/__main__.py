@@ -11,10 +11,12 @@ examples:
   python -m evaluation --limit 10 --policies large-only,glimpse --thresholds 0.5,1.0
   python -m evaluation --policies 'glimpse@0.9,glimpse@0.9:mode=separate,random:p=0.3,verify'
   python -m evaluation --router 127.0.0.1:50051 --step-sample 0
+  python -m evaluation --policies 'glimpse@0.9:catch_up=eager,glimpse@0.9:catch_up=lazy' --layout pinned
   python -m evaluation --report-only --out eval-results  # re-aggregate and re-plot
 
 policy specs: glimpse@TAU, large-only, small-only, random:p=P, verify:accept_score=S,
-step-entropy@TAU, adaptive:target=T; add :mode=separate, :entropy=full, :top_k=K.
+step-entropy@TAU, adaptive:target=T; add :mode=separate, :entropy=full, :top_k=K,
+:catch_up=eager|lazy (unset: the router's --catch-up).
 A glimpse or step-entropy spec without @TAU runs once per --thresholds value.
 """
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Sequence
 
 from evaluation import aggregate, configs, dataset, plots, report
 from evaluation.results import ResultsFile, ResumeMismatch
+from evaluation.stack import LAYOUTS, SIM_MODELS
 
 DEFAULT_POLICIES = "large-only,small-only,glimpse"
 DEFAULT_THRESHOLDS = "0.3,0.6,0.9,1.2"
@@ -66,6 +69,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--large", default="qwen2.5-coder-1.5b", help="large model id or file (default %(default)s)")
     g.add_argument("--backend", default="llamacpp", choices=["llamacpp", "sim", "trtllm"])
     g.add_argument("--threads", type=int, default=0, help="llama.cpp threads per worker (0: all cores)")
+    g.add_argument("--layout", default="default", choices=list(LAYOUTS),
+                   help="default: both workers on all cores; pinned: each worker on a core of its own (taskset, "
+                        "1 thread); sim: sim workers with a GPU pair's latencies (see evaluation/stack.py)")
     g.add_argument("--context-length", type=int, default=4096)
     g.add_argument("--redis-url", default="", help="Redis for the started router (default: a private redis-server)")
     g.add_argument("--small-args", default="", help="extra flags for the small worker, e.g. '--sim-hard-steps 1,3'")
@@ -99,6 +105,12 @@ def finish(out: Path, results: ResultsFile, make_plots: bool = True) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.layout == "sim":  # sim workers: name them after what they model, unless named
+        ap = parser()
+        if args.small == ap.get_default("small"):
+            args.small = SIM_MODELS["small"]
+        if args.large == ap.get_default("large"):
+            args.large = SIM_MODELS["large"]
     out = Path(args.out)
     results_path = out / "results.jsonl"
     if args.report_only:

@@ -17,6 +17,16 @@ Definitions (per configuration; "per problem" means the mean over its results):
   measured decode time, priced with the calibrations just before and just after
   the problem (the mean of the two: a shared machine's speed drifts during a run);
   measured_over_ideal = sum of latencies / sum of ideals.
+- caught_up_tokens: prompt tokens the workers prefilled ahead for eager catch-up
+  (Extend calls) per problem, apart from `prefill` (which counts the calls' own).
+- switches: see `worker_calls`. A turn's steps call the models in a sequence; a
+  switch is a change of model between two consecutive calls of that sequence.
+  switches_per_problem is their mean per problem.
+- critical prefill per switch: over the steps after the first (the first step
+  pays the prompt), the sum of each step's critical_prefill_tokens (prompt tokens
+  its worker calls prefilled while the request waited) and critical_prefill_ms
+  (the workers' prefill time for them), divided by the switches; pooled over the
+  config's problems. None when no switch happened (large-only, small-only).
 """
 from __future__ import annotations
 
@@ -65,6 +75,56 @@ def ideal_seconds(rec: dict, speed: dict[str, float]) -> float | None:
     return (st["small"]["generated"] * speed["small"] + st["large"]["generated"] * speed["large"]) / 1e3
 
 
+def worker_calls(config: configs.Config, step: dict) -> list[str]:
+    """The models one step called, in order (as the router's policies call them):
+    glimpse and adaptive, fused or separate: the small model (its Step or Glimpse),
+    then the large model when it wrote the step; verify: the small model drafts, the
+    large one scores (and rewrites below the bar); step-entropy: the small model
+    drafts, the large one rewrites when the draft's entropy is high; large-only,
+    small-only, random: the writer alone. The answer call that may follow the steps
+    (thinking models) is not a step and is not counted: the stream does not report
+    its critical-path prefill."""
+    role = step["role"]
+    if config.policy in ("glimpse", "adaptive", "step-entropy"):
+        return ["small"] if role == "small" else ["small", "large"]
+    if config.policy == "verify":
+        return ["small", "large"]
+    return [role]
+
+
+def switches(config: configs.Config, steps: list[dict]) -> int:
+    """Changes of model between consecutive worker calls over a turn's steps."""
+    calls = [m for s in steps for m in worker_calls(config, s)]
+    return sum(1 for a, b in zip(calls, calls[1:]) if a != b)
+
+
+def critical_prefill_after_first(steps: list[dict]) -> tuple[float, float]:
+    """Critical-path prefill (tokens, ms) of every step but the first (which pays the prompt)."""
+    rest = sorted(steps, key=lambda s: s["index"])[1:]
+    return (float(sum(s.get("critical_prefill_tokens", 0) for s in rest)),
+            float(sum(s.get("critical_prefill_ms", 0.0) for s in rest)))
+
+
+def switch_costs(label: str, results: list[dict]) -> dict:
+    """Switches per problem, and critical-path prefill per switch (pooled)."""
+    config = configs.parse(label)
+    n_switches = [switches(config, sorted(r["steps"], key=lambda s: s["index"])) for r in results]
+    tokens = ms = 0.0
+    for r in results:
+        t, m = critical_prefill_after_first(r["steps"])
+        tokens, ms = tokens + t, ms + m
+    total = sum(n_switches)
+    return {
+        "switches_per_problem": stats.mean(n_switches) if results else math.nan,
+        "critical_prefill_tokens_per_switch": tokens / total if total else None,
+        "critical_prefill_ms_per_switch": ms / total if total else None,
+        # The same over the steps after the first, per problem: what a config without
+        # switches pays too (the boundary tokens of its own steps).
+        "critical_prefill_tokens_per_problem": tokens / len(results) if results else math.nan,
+        "critical_prefill_ms_per_problem": ms / len(results) if results else math.nan,
+    }
+
+
 def _per_problem(results: list[dict], fn) -> float:
     return stats.mean([fn(r) for r in results])
 
@@ -78,6 +138,8 @@ def summarize_config(label: str, results: list[dict], errors: int, speeds: list[
     large_steps = sum(1 for s in all_steps if s["role"] == "large")
     usage = [r["worker_usage"] for r in results if r.get("worker_usage")]
     prefilled = [u["small"]["prefilled"] + (0 if u.get("shared_worker") else u["large"]["prefilled"]) for u in usage]
+    caught_up = [u["small"].get("caught_up", 0.0) + (0 if u.get("shared_worker") else u["large"].get("caught_up", 0.0))
+                 for u in usage]
     reprefill = [u["small"]["prefilled"] + u["small"]["cached"]
                  + (0 if u.get("shared_worker") else u["large"]["prefilled"] + u["large"]["cached"]) for u in usage]
     gl = [r["glimpse_ms"] / 1e3 for r in results if r.get("glimpse_ms") is not None]
@@ -104,9 +166,11 @@ def summarize_config(label: str, results: list[dict], errors: int, speeds: list[
         "glimpse_share": (sum(gl) / sum(lat)) if gl and len(gl) == n and sum(lat) else None,
         "prefill_tokens": stats.mean(prefilled) if prefilled else None,
         "reprefill_tokens": stats.mean(reprefill) if reprefill else None,
+        "caught_up_tokens": stats.mean(caught_up) if caught_up else None,
         "ideal_s": stats.mean([i for i in ideals if i]) if paired else None,
         "measured_over_ideal": (sum(m for m, _ in paired) / sum(i for _, i in paired)) if paired else None,
         "thinking_end": dict(Counter(r["stats"]["thinking_end"] for r in results)),
+        **switch_costs(label, results),
     }
 
 

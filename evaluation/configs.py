@@ -8,22 +8,26 @@
     verify:accept_score=7        SpecReason (draft, score, rewrite below 7)
     step-entropy@0.5             mean entropy of the small model's whole step
     adaptive:target=0.25         tau tracked to send 25% of steps to the large model
+    glimpse@0.9:catch_up=lazy    the model not writing a step reads it at its next call
+                                 (eager: while it streams; unset: the router's --catch-up)
 
-`mode`, `entropy` and `top_k` set routing fields; any other key is a policy
-parameter the router checks. A glimpse or step-entropy spec without `@tau` is
+`mode`, `entropy`, `top_k` and `catch_up` set routing fields; any other key is a
+policy parameter the router checks. A glimpse or step-entropy spec without `@tau` is
 expanded into one configuration per threshold of the sweep.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from services.router.api import Entropy, GlimpseMode, RoutingOptions
+from services.router.api.types import CatchUp
 
 POLICIES = ("glimpse", "large-only", "small-only", "random", "verify", "step-entropy", "adaptive")
 SWEPT = ("glimpse", "step-entropy")  # policies whose tau the --thresholds sweep sets
-_ROUTING_KEYS = ("mode", "entropy", "top_k")
+_ROUTING_KEYS = ("mode", "entropy", "top_k", "catch_up")
 _MODES = {m.value: m for m in GlimpseMode}
 _ENTROPIES = {e.value: e for e in Entropy}
+_CATCH_UPS = {c.value: c for c in CatchUp}
 DEFAULT_TAU = 0.9
 
 
@@ -39,6 +43,7 @@ class Config:
     entropy: str = "top_k"
     top_k: int | None = None
     params: tuple[tuple[str, float], ...] = field(default_factory=tuple)
+    catch_up: str | None = None  # "eager" | "lazy"; None: the router's default (--catch-up)
 
     @property
     def label(self) -> str:
@@ -53,6 +58,8 @@ class Config:
             extra.append(f"entropy={self.entropy}")
         if self.top_k is not None:
             extra.append(f"top_k={self.top_k}")
+        if self.catch_up is not None:
+            extra.append(f"catch_up={self.catch_up}")
         extra += [f"{k}={v:g}" for k, v in self.params]
         return ":".join([s, *extra])
 
@@ -62,7 +69,7 @@ class Config:
 
     def routing(self) -> RoutingOptions:
         return RoutingOptions(self.policy, self.threshold, dict(self.params), _MODES[self.mode], _ENTROPIES[self.entropy],
-                              self.top_k)
+                              self.top_k, _CATCH_UPS[self.catch_up] if self.catch_up is not None else None)
 
 
 def _number(text: str, what: str) -> float:
@@ -95,6 +102,10 @@ def parse(spec: str) -> Config:
             fields["entropy"] = value
         elif key == "top_k":
             fields["top_k"] = int(_number(value, "top_k"))
+        elif key == "catch_up":
+            if value not in _CATCH_UPS:
+                raise ConfigError(f"catch_up must be {' or '.join(_CATCH_UPS)}, got {value!r} in {spec!r}")
+            fields["catch_up"] = value
         else:
             params.append((key, _number(value, f"parameter {key!r}")))
     fields["params"] = tuple(sorted(params))
@@ -109,9 +120,9 @@ def expand(specs: list[str], thresholds: list[float]) -> list[Config]:
         c = parse(spec)
         if c.policy in SWEPT and c.threshold is None:
             taus = thresholds or [DEFAULT_TAU]
-            out += [Config(c.policy, t, c.mode, c.entropy, c.top_k, c.params) for t in taus]
+            out += [replace(c, threshold=t) for t in taus]
         elif c.policy == "adaptive" and c.threshold is None:
-            out.append(Config(c.policy, DEFAULT_TAU, c.mode, c.entropy, c.top_k, c.params))
+            out.append(replace(c, threshold=DEFAULT_TAU))
         else:
             out.append(c)
     labels = [c.label for c in out]

@@ -30,8 +30,9 @@ def pct(x) -> str:
 def config_table(rows: list[dict]) -> list[str]:
     lines = [
         "| config | n | accuracy % | latency mean s | median s | p90 s | large share % | steps | small tok | large tok "
-        "| glimpses | glimpse s | prefill tok | no-reuse prefill tok | measured / ideal | Pareto |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:-:|",
+        "| glimpses | glimpse s | prefill tok | no-reuse prefill tok | caught-up tok | switches "
+        "| critical prefill / switch tok | ms | measured / ideal | Pareto |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:-:|",
     ]
     for r in rows:
         acc = f"{pct(r['accuracy'])} ± {pct(r['accuracy_se'])}"
@@ -41,6 +42,8 @@ def config_table(rows: list[dict]) -> list[str]:
             f"| {pct(r['large_share'])} | {fmt(r['steps_per_problem'], '.1f')} | {fmt(r['small_tokens'], '.0f')} "
             f"| {fmt(r['large_tokens'], '.0f')} | {fmt(r['glimpses'], '.1f')} | {fmt(r['glimpse_s'])} "
             f"| {fmt(r['prefill_tokens'], '.0f')} | {fmt(r['reprefill_tokens'], '.0f')} "
+            f"| {fmt(r.get('caught_up_tokens'), '.0f')} | {fmt(r.get('switches_per_problem'), '.1f')} "
+            f"| {fmt(r.get('critical_prefill_tokens_per_switch'), '.1f')} | {fmt(r.get('critical_prefill_ms_per_switch'), '.1f')} "
             f"| {fmt(r['measured_over_ideal'])} | {'yes' if r['pareto'] else ''} |"
         )
     return lines
@@ -65,7 +68,11 @@ def markdown(summary: dict, plots: list[str] | None = None) -> str:
         "Accuracy ± one binomial standard error. Latency: wall seconds per problem at the client, one problem at a time. "
         "Tokens, glimpses and prefill are per problem. Glimpse s: the small model's time on glimpses that wrote "
         "nothing. Prefill: prompt tokens the workers evaluated (KV reuse on) against every call re-reading its whole "
-        "prompt. Measured / ideal: latency over the decode-only time of the tokens each model wrote"
+        "prompt; caught-up: prompt tokens prefilled ahead by eager catch-up (Extend), off the critical path. "
+        "Switches: changes of model between consecutive worker calls of a turn's steps (glimpse: each step calls the "
+        "small model, an escalated one then the large; verify: small, then large; one-model policies: none). "
+        "Critical prefill / switch: prompt tokens (and the workers' ms) the steps after the first prefilled while the "
+        "request waited, over the switches. Measured / ideal: latency over the decode-only time of the tokens each model wrote"
         + (f" (measured decode: small {speed['small']:.1f} ms/token, large {speed['large']:.1f} ms/token)." if len(speed) == 2 else ".")
         + " Pareto: no other configuration is both at least as accurate and at least as fast.",
     ]

@@ -51,7 +51,8 @@ def execute(args: argparse.Namespace, problems: list[Problem], fingerprint: str,
             if not args.router:
                 print(f"starting redis, workers ({args.small}, {args.large}) and a router ...", file=sys.stderr, flush=True)
                 stack = start(StackOptions(args.small, args.large, args.backend, args.threads, args.context_length,
-                                           args.redis_url, args.small_args, args.large_args, args.verbose))
+                                           args.redis_url, args.small_args, args.large_args, args.verbose,
+                                           layout=args.layout))
                 workers = {role: WorkerClient(a) for role, a in stack.workers.items()}
                 metrics = stack.metrics
             router = RouterClient(stack.router if stack else args.router)

@@ -141,6 +141,9 @@ def step_dict(s: Step) -> dict:
         "tokens": s.tokens, "discarded": s.discarded_tokens, "prefilled": s.prefilled_tokens,
         "cached": s.cached_tokens, "latency_ms": s.latency_ms, "worker_ms": s.worker_ms,
         "finish": s.finish_reason, "text": s.text, "ids": list(s.token_ids),
+        # Prompt tokens the step's worker calls prefilled while the request waited, and
+        # the workers' prefill time for them: what a switch between models costs.
+        "critical_prefill_tokens": s.critical_prefill_tokens, "critical_prefill_ms": s.critical_prefill_ms,
     }
 
 

@@ -62,9 +62,11 @@ def start(
     env: dict[str, str] | None = None,
     timeout: float = 300.0,
     echo: bool = False,
+    prefix: Sequence[str] = (),
 ) -> Service:
-    """Run `python -m <args>` and wait for its ready line; raise with its last output if it dies."""
-    cmd = [sys.executable, "-u", "-m", *args]
+    """Run `python -m <args>` and wait for its ready line; raise with its last output if it dies.
+    `prefix`: a command that runs it, e.g. ("taskset", "-c", "0") to pin it to a CPU."""
+    cmd = [*prefix, sys.executable, "-u", "-m", *args]
     proc = subprocess.Popen(
         cmd,
         stdout=subprocess.PIPE,

@@ -14,7 +14,10 @@ def response(answer: str, roles: list[str], entropies: list[float] | None = None
         h = entropies[i] if entropies else math.nan
         steps.append(Step(index=i, role=Role(role), decision=Decision(role), entropy=h, threshold=0.9,
                           text=f"step {i}\n\n", tokens=tokens, latency_ms=latency_ms, worker_ms=latency_ms - 1,
-                          token_ids=list(range(tokens))))
+                          token_ids=list(range(tokens)),
+                          # The first step prefills the prompt; a step after a switch what the other model wrote.
+                          critical_prefill_tokens=40 if i == 0 else (tokens if role != roles[i - 1] else 1),
+                          critical_prefill_ms=0.5 * (40 if i == 0 else (tokens if role != roles[i - 1] else 1))))
     n_large = roles.count("large")
     stats = Stats(
         latency_ms=latency_ms * len(roles), steps=len(roles), intervention_rate=n_large / len(roles),
@@ -34,6 +37,7 @@ class FakeRouter:
     def __init__(self, answers: dict[str, str], interrupt_at: int | None = None) -> None:
         self.answers = answers
         self.calls: list[tuple[str, float, str, int]] = []  # policy, threshold, problem, seed
+        self.routings: list = []  # each call's RoutingOptions
         self.interrupt_at = interrupt_at
 
     def reason(self, req, timeout_s: float) -> Reply:
@@ -42,6 +46,7 @@ class FakeRouter:
         question = req.messages[0].content
         pid = next(p for p, q in self.answers.items() if q[0] in question)
         self.calls.append((req.routing.policy, round(req.routing.threshold or 0.0, 6), pid, req.sampling.seed))
+        self.routings.append(req.routing)
         gold = self.answers[pid][1]
         if req.routing.policy == "large-only":
             return response(f"so \\boxed{{{gold}}}", ["large"] * 3)

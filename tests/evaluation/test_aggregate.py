@@ -118,3 +118,59 @@ def test_plots_are_written(summary, tmp_path):
     assert names == ["accuracy_latency.png", "entropy.png", "steps.png"]
     for n in names:
         assert (tmp_path / n).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---- switches and the prefill they leave on the critical path --------------------------------
+def steps(roles, crit_tokens, crit_ms=None):
+    crit_ms = crit_ms or [10.0 * t for t in crit_tokens]
+    return [{"index": i, "role": r, "critical_prefill_tokens": t, "critical_prefill_ms": m}
+            for i, (r, t, m) in enumerate(zip(roles, crit_tokens, crit_ms))]
+
+
+@pytest.mark.parametrize("label, roles, expected", [
+    # glimpse: every step calls the small model; an escalated one then calls the large.
+    # s | s L | s L | s | s -> s s L s L s s: four changes.
+    ("glimpse@0.9:catch_up=eager", ["small", "large", "large", "small", "small"], 4),
+    ("glimpse@0.9:mode=separate", ["small", "large", "large", "small", "small"], 4),
+    ("glimpse@0.9", ["small", "small", "small"], 0),
+    ("glimpse@0.9", ["large"], 1),  # s L within one step
+    ("adaptive@0.9:target=0.25", ["small", "large"], 1),  # s | s L
+    ("large-only", ["large"] * 4, 0),
+    ("small-only", ["small"] * 4, 0),
+    ("random:p=0.5", ["small", "large", "small", "small"], 2),  # the writer alone
+    ("verify", ["small", "small"], 3),  # s L | s L: the large model scores every draft
+    ("verify", ["large", "small"], 3),
+    ("step-entropy@1", ["small", "large", "small"], 2),  # s | s L | s: the draft, then the rewrite
+])
+def test_switches_follow_the_calls_each_policy_makes(label, roles, expected):
+    from evaluation import configs
+    assert aggregate.switches(configs.parse(label), steps(roles, [0] * len(roles))) == expected
+
+
+def test_critical_prefill_per_switch_leaves_out_the_first_step():
+    glimpse = "glimpse@0.9:catch_up=lazy"
+    a = {"config": glimpse, "steps": steps(["small", "large", "small"], [120, 40, 35])}  # s | s L | s: 2 switches
+    b = {"config": glimpse, "steps": list(reversed(steps(["large", "small"], [200, 50])))}  # s L | s: 2; order by index
+    c = {"config": glimpse, "steps": steps(["small", "small"], [90, 1])}  # none: its 1 token still counts
+    costs = aggregate.switch_costs(glimpse, [a, b, c])
+    assert costs["switches_per_problem"] == pytest.approx(4 / 3)
+    assert costs["critical_prefill_tokens_per_switch"] == pytest.approx((40 + 35 + 50 + 1) / 4)
+    assert costs["critical_prefill_ms_per_switch"] == pytest.approx(10 * (40 + 35 + 50 + 1) / 4)
+    assert costs["critical_prefill_tokens_per_problem"] == pytest.approx((40 + 35 + 50 + 1) / 3)
+    lo = aggregate.switch_costs("large-only", [{"steps": steps(["large"] * 3, [100, 2, 2])}])
+    assert lo["switches_per_problem"] == 0
+    assert lo["critical_prefill_tokens_per_switch"] is None and lo["critical_prefill_ms_per_switch"] is None
+
+
+def test_records_without_critical_prefill_still_aggregate(summary):
+    # Results written before steps reported their critical prefill: zero, not a crash.
+    gl = row(summary, "glimpse@0.5")
+    assert gl["switches_per_problem"] == pytest.approx((1 + 0 + 2) / 3)  # s s L; s s; s s L s s
+    assert gl["critical_prefill_tokens_per_switch"] == 0
+
+
+def test_caught_up_tokens_are_summed_over_both_workers():
+    u = usage(60, 40, 10, 5)
+    u["small"]["caught_up"], u["large"]["caught_up"] = 7, 120
+    rec = result("glimpse@0.5", "a", True, 1.0, ["small", "large"], [0.1, 0.9], usage=u)
+    assert row(aggregate.summarize([rec]), "glimpse@0.5")["caught_up_tokens"] == 127

@@ -65,23 +65,56 @@ def test_eval_on_sim_workers_then_resume(tmp_path, capsys):
     assert "other settings" in capsys.readouterr().err
 
 
-def test_e2e_bench_section_renders_from_a_run(tmp_path):
-    """The benchmark's report code on a real (sim) run, so `make bench` cannot fail late on it."""
-    import argparse
+BENCH_POLICIES = ("glimpse@0.5:catch_up=eager,glimpse@0.5:catch_up=lazy,large-only,"
+                  "glimpse@0.5:mode=separate:catch_up=eager")
 
+
+def test_e2e_bench_section_renders_from_a_run(tmp_path, monkeypatch, capsys):
+    """The benchmark's report code on a real (sim) run, so `make bench` cannot fail late on
+    it; then --report-only from the files a run leaves."""
     from benchmarks import e2e_bench
-    from evaluation import configs, dataset
+    from evaluation import dataset
     from evaluation.results import ResultsFile
-    from evaluation.runner import RunOptions
 
     out = tmp_path / "ev"
-    assert main([*ARGS, "--out", str(out)]) == 0
-    args = argparse.Namespace(problems=3, separate_problems=3, tau=0.5, step_sample=4, step_check_tokens=64,
-                              calibrate_every=2, small="sim-small", large="sim-large", seed=0)
-    opts = RunOptions(configs=configs.expand(["glimpse@0.5", "glimpse@0.5:mode=separate", "large-only"], []),
-                      problems=dataset.load(dataset.SAMPLE)[:3])
-    text = e2e_bench.section(ResultsFile(out / "results.jsonl"), opts, 60.0, args)
-    for heading in ("Glimpse against the large model alone", "Measured against the ideal", "Fused against separate",
+    policies = ARGS.index("--policies") + 1
+    argv = [*ARGS[:policies], BENCH_POLICIES, *ARGS[policies + 1:]]
+    assert main([*argv, "--out", str(out)]) == 0
+    args = e2e_bench.parser().parse_args(["--layouts", "default,pinned,sim", "--tau", "0.5", "--problems", "3",
+                                          "--sim-problems", "3", "--separate-problems", "3", "--step-sample", "4"])
+    problems = dataset.load(dataset.SAMPLE)
+    runs = []
+    for layout, skipped in (("default", ""), ("pinned", "the pinned layout needs 2 CPUs"), ("sim", "")):
+        opts, _ = e2e_bench.layout_options(layout, args, problems)
+        runs.append(e2e_bench.LayoutRun(layout, opts, None if skipped else ResultsFile(out / "results.jsonl"), 60.0,
+                                        skipped))
+    text = e2e_bench.section(runs, args)
+    for heading in ("### Default: both workers on all cores", "### Pinned: one core per worker",
+                    "### Sim: a modelled GPU pair", "Time to first token", "Fused against separate",
                     "Prefill per session", "Does first-token entropy"):
         assert heading in text
+    assert "Not run: the pinned layout needs 2 CPUs." in text
+    assert text.count("Does first-token entropy") == 1  # the default layout's extras only there
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| glimpse@0.5:catch_up=")
+            or line.startswith("| large-only |")]
+    rows = [r for r in rows if len(r) == 11]  # the main table of each layout
+    assert len(rows) == 2 * 3  # default and sim
+    # Sim steps 1 and 3 are hard: s | s L | s | s L | s | s | s = 4 switches per problem under glimpse.
+    assert all(r[7] == "4.0" for r in rows if r[0].startswith("| glimpse"))
+    assert all(r[7] == "0.0" and r[8] == "-" and r[9] == "-" for r in rows if r[0] == "| large-only")
+    assert all(r[6] == "1.00" for r in rows if r[0] == "| large-only")  # its own ratio against itself
     assert "identical on 3 of 3 problems" in text  # sim workers: same seed, same steps in both modes
+
+    # --report-only reads each layout's own file and states the flags the run used.
+    monkeypatch.setattr(e2e_bench, "OUT", tmp_path / "bench")
+    (tmp_path / "bench" / "sim").mkdir(parents=True)
+    shutil.copy(out / "results.jsonl", tmp_path / "bench" / "sim" / "results.jsonl")
+    ResultsFile(tmp_path / "bench" / "sim" / "results.jsonl").append(
+        {"kind": "bench", "layout": "sim", "wall_s": 90.0, "args": {**{k: getattr(args, k) for k in e2e_bench.STORED},
+                                                                    "sim_problems": 3}})
+    capsys.readouterr()
+    assert e2e_bench.main(["--report-only", "--no-write", "--layouts", "sim,default"]) == 0
+    printed = capsys.readouterr().out
+    assert "--sim-problems 3" in printed and "--tau 0.5" in printed and "whole run: 1.5 min" in printed
+    assert "| glimpse@0.5:catch_up=eager | 3 | n/a |" in printed
+    assert "Not run: no results in" in printed  # the default layout left no file there

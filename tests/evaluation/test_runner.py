@@ -139,3 +139,31 @@ def test_a_run_whose_requests_all_fail_stops_after_three(tmp_path):
     with pytest.raises(RunAborted, match="connection refused"):
         Runner(options(), ResultsFile(tmp_path / "r.jsonl"), down, progress=False).run()
     assert len(down.calls) == 3
+
+
+def test_results_keep_each_steps_critical_prefill_and_catch_up(tmp_path):
+    cfgs = configs.expand(["glimpse@0.9:catch_up=lazy", "glimpse@0.9:catch_up=eager", "large-only"], [])
+    opts = RunOptions(configs=cfgs, problems=PROBLEMS[:1], dataset_fingerprint="fp", calibrate_every=0)
+    fake = FakeRouter(ANSWERS)
+    rf = ResultsFile(tmp_path / "r.jsonl")
+    Runner(opts, rf, fake, progress=False).run()
+    from services.router.api.types import CatchUp
+    assert {r.catch_up for r in fake.routings} == {CatchUp.LAZY, CatchUp.EAGER, None}  # None: the router's default
+    rec = next(r for r in rf.of_kind("result") if r["config"] == "glimpse@0.9:catch_up=lazy")
+    # small, large, small: the prompt, then two switches of 10 tokens each
+    assert [s["critical_prefill_tokens"] for s in rec["steps"]] == [40, 10, 10]
+    assert [s["critical_prefill_ms"] for s in rec["steps"]] == [20.0, 5.0, 5.0]
+
+
+def test_worker_usage_counts_catch_up_apart():
+    from evaluation.stack import usage_delta
+
+    def sample(prefilled, cached, caught_up, extend_s):
+        name = "glimprouter_worker_prompt_tokens_total"
+        return {(name, (("kind", "prefilled"), ("model", "m"))): prefilled,
+                (name, (("kind", "cached"), ("model", "m"))): cached,
+                (name, (("kind", "caught_up"), ("model", "m"))): caught_up,
+                ("glimprouter_worker_request_duration_seconds_sum", (("method", "Extend"), ("model", "m"))): extend_s}
+
+    d = usage_delta(sample(100, 500, 0, 0.0), sample(130, 900, 64, 0.25))
+    assert (d["prefilled"], d["cached"], d["caught_up"], d["Extend_s"]) == (30, 400, 64, 0.25)
