@@ -65,6 +65,7 @@ class UpSettings:
     backend: str = setting("llamacpp", "worker backend", choices=["llamacpp", "trtllm", "sim"])
     threads: int = setting(0, "CPU threads per worker (0 = every core it may run on)")
     context_length: int = setting(4096, "context window of each worker in tokens")
+    catch_up: str = setting("lazy", "the router's catch-up default: lazy here, as both workers share this machine's cores and eager catch-up would compete with the writing model for them (docs/router.md, \"Catch-up\"); eager on separate nodes", choices=["eager", "lazy"])
     redis_url: str = setting("redis://127.0.0.1:6379/0", "Redis for sessions; a private redis-server is started when none answers", secret=True)
     private_redis: bool = setting(False, "always start a private redis-server, even when one answers at --redis-url")
     demo: bool = setting(False, "ask one sample question once everything is up, showing how its steps are routed")

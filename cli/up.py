@@ -86,7 +86,7 @@ class Stack:
         router = self._start(
             "router",
             ["services.router", "--host", s.host, "--port", str(s.router_port),
-             "--small", workers[0].address, "--large", workers[1].address],
+             "--small", workers[0].address, "--large", workers[1].address, "--catch-up", s.catch_up],
             env={"GLIMPROUTER_REDIS_URL": self.redis_url},
         )
         self.router_address = router.address

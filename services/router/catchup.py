@@ -56,12 +56,16 @@ class EagerCatchUp:
         stored_prefix: Callable[[Role], list[int]],
         mode: PrefixMode,
         chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+        first: Role | None = None,
     ) -> None:
         self.workers = workers
         self.roles = roles  # the roles the turn may still call: only those are worth catching up
         self.stored_prefix = stored_prefix
         self.mode = mode
         self.chunk = max(1, chunk_tokens)
+        # The model each step calls first: an Extend sent to it between steps would only
+        # race its own call (and delay it by a batch), so it is never owed one.
+        self.first = first
         self.writer: Role | None = None
         self.step_ids: list[int] = []
         self.step_text = ""
@@ -78,12 +82,15 @@ class EagerCatchUp:
 
     # ---- what the loop tells it --------------------------------------------------------------
     def stored(self) -> None:
-        """The store holds more than the readers were sent (a step, the prompt): every
-        role that did not write it is owed the stored prefix."""
+        """The store holds more than the readers were sent (a step, the prompt): a model
+        that did not write it, and is not the one the next step calls first, is owed the
+        stored prefix. (The writer holds its step but for its last token, which its next
+        call evaluates anyway for its logits.)"""
+        writer = self.writer
         self.writer = None
         self.step_ids = []
         self.step_text = ""
-        self._owed = set(self.roles())
+        self._owed = set(self.roles()) - {writer, self.first}
         for r in Role:
             self._sent_step[r] = 0
         self._poke()

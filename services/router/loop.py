@@ -314,6 +314,7 @@ class StepLoop:
             self.catchup = EagerCatchUp(
                 {Role.SMALL: self.small, Role.LARGE: self.large}, self._callers,
                 lambda role: self.state.prefixes[self.views[role]], self.state.mode, self.catch_up_tokens,
+                first=self.policy.first,
             )
             self.catchup.stored()  # the prompt (or the steps a resumed turn starts from)
         try:

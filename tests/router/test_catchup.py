@@ -219,6 +219,28 @@ async def test_a_model_the_policy_never_calls_is_not_caught_up():
     await c.close()
 
 
+async def test_the_model_each_step_calls_first_is_sent_nothing_between_steps():
+    # Glimpse calls the small model first at every step: an Extend to it between steps
+    # would only race (and delay) its own glimpse.
+    small, large = FakeWorker(), FakeWorker()
+    small.release.set()
+    large.release.set()
+    c = EagerCatchUp({Role.SMALL: small, Role.LARGE: large}, lambda: frozenset(Role), lambda r: [1, 2],
+                     PrefixMode.TOKENS, chunk_tokens=100, first=Role.SMALL)
+    c.stored()  # the prompt: the large model is caught up, the small one glimpses at once
+    await until(lambda: len(large.calls) == 1)
+    c.step_written_by(Role.LARGE)
+    c.tokens([3], "x")
+    c.stored()  # the large model's step: the small one reads it in its own next glimpse
+    c.step_written_by(Role.SMALL)
+    c.tokens([4], "y")
+    c.stored()  # the small model's step: the large one is sent it
+    await until(lambda: len(large.calls) == 2)
+    await asyncio.sleep(0.01)
+    assert small.calls == [] and len(large.calls) == 2
+    await c.close()
+
+
 # ---- through the loop ------------------------------------------------------------------------
 async def test_after_a_switch_the_reader_finds_the_step_cached(redis_url, key_prefix):
     large_watch = Watch()

@@ -88,6 +88,9 @@ class Policy(abc.ABC):
     uses_threshold: ClassVar[bool] = False
     # The models its steps may call: eager catch-up follows only these (and the answer's writer).
     reads: ClassVar[frozenset[Role]] = frozenset(Role)
+    # The model every step calls first (the small one's glimpse or draft), if any: catch-up
+    # never sends it anything between steps, as its own call comes at once.
+    first: ClassVar[Role | None] = Role.SMALL
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)

@@ -11,6 +11,7 @@ class LargeOnly(Policy):
     name = "large-only"
     summary = "the large model writes every step"
     reads = frozenset({Role.LARGE})
+    first = Role.LARGE
 
     async def write_step(self, ctx: StepContext) -> StepOutcome:
         return StepOutcome(Role.LARGE, await ctx.write(Role.LARGE))
@@ -29,6 +30,7 @@ class RandomPolicy(Policy):
     name = "random"
     summary = "the large model writes a step with probability p"
     signal = "random_draw"
+    first = None  # the coin decides who is called
     params = {"p": Param(0.25, lambda v: 0.0 <= v <= 1.0, "in [0, 1]", "probability that a step goes to the large model")}
 
     async def write_step(self, ctx: StepContext) -> StepOutcome:
