@@ -147,17 +147,17 @@ class EagerCatchUp:
                 return r
         return None
 
-    async def _target(self, role: Role) -> tuple[list[int], int]:
-        """The prefix to send `role`, and how many of the step's (writer's) tokens it covers."""
+    async def _target(self, role: Role, covered: int) -> list[int]:
+        """The prefix to send `role`: the stored prefix, and the first `covered` tokens of
+        the step being written when `role` is its reader."""
         base = self.stored_prefix(role)
-        if self.writer is None or role is not other(self.writer):
-            return list(base), 0
-        n = len(self.step_ids)
+        if not covered:
+            return list(base)
         if self.mode is PrefixMode.TOKENS:
-            return base + self.step_ids, n
+            return base + self.step_ids[:covered]
         text = self.step_text
         ids = await self.workers[role].tokenize(text) if text else []
-        return base + ids[:-1], n  # the last token may still merge with what follows
+        return base + ids[:-1]  # the last token may still merge with what follows
 
     async def _run(self) -> None:
         while not self._closed:
@@ -165,11 +165,13 @@ class EagerCatchUp:
             self._wake.clear()
             while (role := self._due()) is not None:
                 self._owed.discard(role)
-                writer = self.writer
+                reading = self.writer is not None and role is other(self.writer)
+                covered = len(self.step_ids) if reading else 0
+                # Counted as sent before anything is awaited: a failure waits for the next
+                # chunk (or the stored step) rather than trying again at once.
+                self._sent_step[role] = max(self._sent_step[role], covered)
                 try:
-                    prompt, covered = await self._target(role)
-                    if writer is self.writer:  # else the step moved on while we tokenized
-                        self._sent_step[role] = max(self._sent_step[role], covered)
+                    prompt = await self._target(role, covered)
                     self.sent += 1
                     ext = await self.workers[role].extend(prompt)
                 except asyncio.CancelledError:

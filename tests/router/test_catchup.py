@@ -207,6 +207,28 @@ async def test_text_mode_reads_its_own_tokenization_without_the_last_token():
     await c.close()
 
 
+async def test_a_failing_catch_up_waits_for_the_next_chunk():
+    calls = []
+
+    def broken(text):
+        calls.append(text)
+        raise RuntimeError("tokenizer down")
+
+    large = FakeWorker(tokenize=broken)
+    c = EagerCatchUp({Role.SMALL: FakeWorker(), Role.LARGE: large}, lambda: frozenset(Role), lambda r: [7],
+                     PrefixMode.TEXT, chunk_tokens=2)
+    c.step_written_by(Role.SMALL)
+    c.tokens([1, 2], "ab")
+    await until(lambda: c.failed == 1)
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert len(calls) == 1 and large.calls == []  # not retried at once, in a loop
+    c.tokens([3, 4], "cd")
+    await until(lambda: c.failed == 2)
+    assert calls == ["ab", "abcd"]
+    await c.close()
+
+
 async def test_a_model_the_policy_never_calls_is_not_caught_up():
     small = FakeWorker()
     c = EagerCatchUp({Role.SMALL: small, Role.LARGE: FakeWorker()}, lambda: frozenset({Role.LARGE}), lambda r: [1],
