@@ -19,6 +19,7 @@ from gateway.errors import APIError, bad_request
 from services.router.api.types import (
     AnswerBy,
     Budgets,
+    CatchUp,
     Entropy,
     GlimpseMode,
     Message,
@@ -84,6 +85,7 @@ class ChatBody(BaseModel):
     threshold: float | None = Field(None, allow_inf_nan=False)
     params: dict[str, float] | None = None  # NaN passes here; the router refuses it naming the parameter
     glimpse_mode: Literal["fused", "separate"] | None = None
+    catch_up: Literal["eager", "lazy"] | None = None
     entropy: Literal["top_k", "full"] | None = None
     entropy_top_k: int | None = Field(None, ge=1, le=INT32)
     budgets: _Budgets | None = None
@@ -200,10 +202,12 @@ def parse_chat_request(body: Any, *, model_name: str, session_id: str = "") -> C
     req = ReasonRequest(messages=messages, session_id=session_id, think=b.think)
     # Only groups the caller set are sent: on a continued session the router keeps
     # the stored options of every group left out.
-    if any(x is not None for x in (b.policy, b.threshold, b.params, b.glimpse_mode, b.entropy, b.entropy_top_k)):
+    if any(x is not None for x in (b.policy, b.threshold, b.params, b.glimpse_mode, b.entropy, b.entropy_top_k,
+                                   b.catch_up)):
         req.routing = RoutingOptions(b.policy or "", b.threshold, dict(b.params or {}),
                                      GlimpseMode(b.glimpse_mode) if b.glimpse_mode else None,
-                                     Entropy(b.entropy) if b.entropy else None, b.entropy_top_k)
+                                     Entropy(b.entropy) if b.entropy else None, b.entropy_top_k,
+                                     CatchUp(b.catch_up) if b.catch_up else None)
     budgets = b.budgets.model_dump() if b.budgets is not None else {}
     # OpenAI's length cap bounds the answer; thinking has its own budget.
     if budgets.get("answer_tokens") is None:

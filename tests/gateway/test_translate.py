@@ -16,7 +16,7 @@ from gateway.completions import CompletionBuilder, _TagFilter, _Trim, finish_rea
 from gateway.errors import APIError, from_grpc
 from glimprouter.v1 import router_pb2 as pb
 from services.router.api import (
-    AnswerBy, AnswerDelta, Budgets, Decision, Done, Entropy, GlimpseMode, Message, ReasonRequest, Role, RoleStats,
+    AnswerBy, AnswerDelta, Budgets, CatchUp, Decision, Done, Entropy, GlimpseMode, Message, ReasonRequest, Role, RoleStats,
     RoutingOptions, SamplingOptions, Started, Stats, Step, StepDelta, StepStart,
 )
 from services.router.api import protomap
@@ -38,12 +38,12 @@ def test_all_extra_fields():
     r = parse({
         "messages": [{"role": "developer", "content": "be brief"}, {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}],
         "policy": "random", "threshold": 1.2, "params": {"p": 0.3}, "glimpse_mode": "separate", "entropy": "full",
-        "entropy_top_k": 10, "budgets": {"max_steps": 4, "step_tokens": 64}, "max_tokens": 100, "temperature": 0,
+        "entropy_top_k": 10, "catch_up": "lazy", "budgets": {"max_steps": 4, "step_tokens": 64}, "max_tokens": 100, "temperature": 0,
         "top_p": 0.9, "seed": 7, "answer_by": "large", "think": True, "stream": True, "stream_options": {"include_usage": True},
     })
     q = r.reason
     assert q.messages == [Message("system", "be brief"), Message("user", "ab")]
-    assert q.routing == RoutingOptions("random", 1.2, {"p": 0.3}, GlimpseMode.SEPARATE, Entropy.FULL, 10)
+    assert q.routing == RoutingOptions("random", 1.2, {"p": 0.3}, GlimpseMode.SEPARATE, Entropy.FULL, 10, CatchUp.LAZY)
     assert q.budgets == Budgets(step_tokens=64, answer_tokens=100, max_steps=4)
     assert q.sampling == SamplingOptions(0.0, 0.9, 7)
     assert (q.answer_by, q.think, r.stream, r.include_usage) == (AnswerBy.LARGE, True, True, True)
@@ -71,6 +71,7 @@ BAD = [
     ({"messages": MSG, "params": {"p": "x"}}, "params", "invalid_type"),
     ({"messages": MSG, "params": [1]}, "params", "invalid_type"),
     ({"messages": MSG, "glimpse_mode": "both"}, "glimpse_mode", "invalid_value"),
+    ({"messages": MSG, "catch_up": "sometimes"}, "catch_up", "invalid_value"),
     ({"messages": MSG, "budgets": {"max_steps": 0}}, "budgets.max_steps", "invalid_value"),
     ({"messages": MSG, "budgets": {"max_steps": 1.5}}, "budgets.max_steps", "invalid_type"),
     ({"messages": MSG, "budgets": {"steps": 3}}, "budgets.steps", "invalid_value"),
