@@ -9,6 +9,7 @@ break) the Extend calls; waits are on conditions, never on sleeps.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import urllib.request
 
 import pytest
@@ -329,10 +330,13 @@ async def test_a_session_resumed_on_another_router_still_catches_up(redis_url, k
     second, store_b = make_core(redis_url, key_prefix, small, large, router_id="router-b")
     try:
         events = []
-        async for ev in first.events(request(CatchUp.EAGER)):
-            events.append(ev)
-            if isinstance(ev, Step) and ev.index == 1:
-                break  # the client goes away after two steps: the turn is interrupted
+        # aclosing: leaving the loop closes the call now (a bare `break` leaves that to the
+        # garbage collector, and the session may still read "running" below).
+        async with contextlib.aclosing(first.events(request(CatchUp.EAGER))) as stream:
+            async for ev in stream:
+                events.append(ev)
+                if isinstance(ev, Step) and ev.index == 1:
+                    break  # the client goes away after two steps: the turn is interrupted
         sid = events[0].session_id
         info = await second.get_session(sid)
         assert info.status == "interrupted" and len(info.steps) == 2
@@ -355,10 +359,11 @@ async def test_cancelling_a_session_stops_its_pending_catch_up(redis_url, key_pr
     core, store = make_core(redis_url, key_prefix, small, large)
     try:
         sid = None
-        async for ev in core.events(request(CatchUp.EAGER)):
-            sid = sid or getattr(ev, "session_id", None)
-            if watch.started:
-                break
+        async with contextlib.aclosing(core.events(request(CatchUp.EAGER))) as stream:
+            async for ev in stream:
+                sid = sid or getattr(ev, "session_id", None)
+                if watch.started:
+                    break  # the client goes away: the turn is cancelled
         assert sid and watch.started
         await until(lambda: watch.cancelled == watch.started)  # the pending Extend was cancelled with the turn
     finally:
