@@ -325,10 +325,22 @@ class MetricsMiddleware:
         t0 = time.perf_counter()
         route = route_label(scope["path"])
         status = {"code": CLIENT_CLOSED}
+        counted = False
+
+        def count() -> None:
+            nonlocal counted
+            counted = True
+            m = self.gw.metrics
+            m.requests.labels(route, scope["method"], str(status["code"])).inc()
+            m.latency.labels(route).observe(time.perf_counter() - t0)
 
         async def wrapped(message) -> None:
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body") and not counted:
+                # Counted before the last byte leaves: a client that reads the metrics once
+                # it has its answer finds its request counted.
+                count()
             await send(message)
 
         try:
@@ -337,9 +349,8 @@ class MetricsMiddleware:
             status["code"] = 500  # the outermost middleware answers it with a 500
             raise
         finally:
-            m = self.gw.metrics
-            m.requests.labels(route, scope["method"], str(status["code"])).inc()
-            m.latency.labels(route).observe(time.perf_counter() - t0)
+            if not counted:
+                count()
 
 
 def create_app(settings: GatewaySettings, router: RouterClient | None = None) -> Starlette:

@@ -42,32 +42,41 @@ LIVENESS = "liveness"
 @contextlib.asynccontextmanager
 async def _call(context: grpc.aio.ServicerContext, method: str):
     """One call to the router, in its server span: router errors become their status
-    codes with their message; anything else is INTERNAL. Counts the call by its code."""
+    codes with their message; anything else is INTERNAL. Counts the call by its code,
+    before a failed call's status is sent: a client that reads the metrics once it has
+    its answer finds the call counted."""
     code = "OK"
+    counted = False
+
+    async def fail(status: grpc.StatusCode, details: str) -> None:
+        nonlocal code, counted
+        code, counted = status.name, True
+        metrics.request(method, code)
+        await context.abort(status, details)
+
     with spans.server_call(SERVICE_NAME, method, context.invocation_metadata()) as span:
         try:
             try:
                 yield
             except RouterError as exc:
-                code = exc.code
-                await context.abort(grpc.StatusCode[exc.code], str(exc))
+                await fail(grpc.StatusCode[exc.code], str(exc))
             except asyncio.CancelledError:
                 code = "CANCELLED"
                 raise
             except grpc.aio.AbortError:
-                c = context.code()
-                code = c.name if isinstance(c, grpc.StatusCode) else "UNKNOWN"
+                if not counted:
+                    c = context.code()
+                    code = c.name if isinstance(c, grpc.StatusCode) else "UNKNOWN"
                 raise
             except RedisError as exc:
-                code = "UNAVAILABLE"
                 log.warning("redis error: %s", exc)
-                await context.abort(grpc.StatusCode.UNAVAILABLE, f"session store unavailable: {exc}")
+                await fail(grpc.StatusCode.UNAVAILABLE, f"session store unavailable: {exc}")
             except Exception:
-                code = "INTERNAL"
                 log.exception("router call failed")
-                await context.abort(grpc.StatusCode.INTERNAL, "internal error in the router (see its log)")
+                await fail(grpc.StatusCode.INTERNAL, "internal error in the router (see its log)")
         finally:
-            metrics.request(method, code)
+            if not counted:
+                metrics.request(method, code)
             spans.call_ended(span, code)
 
 
