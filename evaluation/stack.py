@@ -169,6 +169,19 @@ def _worker_command(role: str, model: str, opts: StackOptions) -> tuple[list[str
                     "--port", "0", "--threads", str(threads), "--context-length", str(opts.context_length), *extra]
 
 
+CPU_CATCH_UP_TOKENS = 4
+
+
+def router_args(opts: StackOptions) -> list[str]:
+    """The router's flags beyond the stack's wiring. On CPU workers (llama.cpp) a prefill
+    is slow, and a switch waits for the catch-up chunk in flight on the other worker:
+    chunks of 4 tokens rather than the router's default 16, which suits GPU workers
+    (measured in docs/benchmarks.md, "End to end": pinned layout)."""
+    if opts.layout == "sim" or opts.backend in ("sim", "trtllm"):
+        return []
+    return ["--catch-up-tokens", str(CPU_CATCH_UP_TOKENS)]
+
+
 def start(opts: StackOptions) -> Stack:
     # Checked before anything starts: a layout this machine cannot run fails at once.
     commands = {role: _worker_command(role, model, opts) for role, model in (("small", opts.small), ("large", opts.large))}
@@ -187,7 +200,8 @@ def start(opts: StackOptions) -> Stack:
         router = procs.start(
             "router",
             ["services.router", "--port", "0", "--small", stack.workers["small"], "--large", stack.workers["large"],
-             "--redis-url", url, "--key-prefix", f"eval-{uuid.uuid4().hex[:8]}:", "--request-timeout-s", "3600"],
+             "--redis-url", url, "--key-prefix", f"eval-{uuid.uuid4().hex[:8]}:", "--request-timeout-s", "3600",
+             *router_args(opts)],
             timeout=120, echo=opts.echo,
         )
         stack._services.append(router)

@@ -120,3 +120,11 @@ def test_procs_start_pins_with_taskset(tmp_path):
         assert svc.stop() is not None and svc.proc.poll() is not None
     finally:
         svc.kill()
+
+
+def test_cpu_layouts_catch_up_in_small_chunks():
+    from evaluation.stack import CPU_CATCH_UP_TOKENS, StackOptions, router_args
+
+    assert router_args(StackOptions(layout="pinned")) == ["--catch-up-tokens", str(CPU_CATCH_UP_TOKENS)]
+    assert router_args(StackOptions(layout="default")) == ["--catch-up-tokens", str(CPU_CATCH_UP_TOKENS)]
+    assert router_args(StackOptions(layout="sim")) == []  # the router's default, as on GPU workers
