@@ -77,7 +77,6 @@ class EagerCatchUp:
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._closed = False
-        self.sent = 0  # Extends sent (tests and stats)
         self.failed = 0
 
     # ---- what the loop tells it --------------------------------------------------------------
@@ -172,7 +171,6 @@ class EagerCatchUp:
                 self._sent_step[role] = max(self._sent_step[role], covered)
                 try:
                     prompt = await self._target(role, covered)
-                    self.sent += 1
                     ext = await self.workers[role].extend(prompt)
                 except asyncio.CancelledError:
                     raise
