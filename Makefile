@@ -22,10 +22,27 @@ help:
 	@echo "make eval    accuracy against latency on the sample set (EVAL_ARGS=...)"
 	@echo "make soak    hundreds of sessions for minutes on sim workers (writes docs/benchmarks.md)"
 
-$(STAMP): pyproject.toml
+# llama.cpp is compiled for this CPU (-march=native) but without AMX: a CPU that
+# advertises AMX under a hypervisor that does not enable its tile state faults on the
+# first AMX instruction (seen on these machines: a general protection fault in
+# ggml_backend_amx_mul_mat at the first decode, for every model). Where AMX works,
+# `make setup LLAMA_CFLAGS=` builds with it.
+LLAMA_CFLAGS ?= $(if $(filter x86_64,$(shell uname -m)),-mno-amx-tile -mno-amx-int8 -mno-amx-bf16)
+LLAMA_CPP_PYTHON := $(shell grep -o 'llama-cpp-python==[0-9.]*' pyproject.toml)
+# Named after the version and flags it was built with: changing either rebuilds it.
+LLAMA_STAMP := $(VENV)/.llama-cpp-$(shell echo '$(LLAMA_CPP_PYTHON) $(LLAMA_CFLAGS)' | md5sum | cut -c1-10)
+
+$(LLAMA_STAMP):
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip wheel setuptools
-	# llama-cpp-python compiles llama.cpp for this CPU the first time (a few minutes).
+	# llama-cpp-python compiles llama.cpp for this CPU (a few minutes). --no-cache-dir:
+	# pip's wheel cache keys a built wheel by its source alone, so it would hand back a
+	# build made earlier with other flags.
+	CFLAGS="$(LLAMA_CFLAGS)" CXXFLAGS="$(LLAMA_CFLAGS)" $(PIP) install --no-cache-dir --force-reinstall --no-deps \
+		--progress-bar on '$(LLAMA_CPP_PYTHON)'
+	@rm -f $(VENV)/.llama-cpp-*; touch $@
+
+$(STAMP): pyproject.toml $(LLAMA_STAMP)
 	$(PIP) install --progress-bar on -e '.[test]'
 	@touch $@
 
