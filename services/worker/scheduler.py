@@ -409,10 +409,15 @@ class Scheduler(Engine):
     def _build(self) -> tuple[Batch, list[Job], list[Job]]:
         """This iteration's batch, the job each logits row goes to, and the catch-ups
         this batch completes. Decoding requests first, then prompts (real ones
-        before catch-ups), at most `prefill_chunk` prompt tokens while anyone decodes."""
+        before catch-ups), at most `prefill_chunk` prompt tokens while anyone decodes.
+
+        Decoding tokens go in ascending sequence order: with one KV stream per
+        sequence, llama.cpp evaluates in one pass (ubatch) only runs of consecutive
+        sequence ids as they appear in the batch, so admission order (say 3, 1, 2)
+        would cost several passes over the weights per token instead of one."""
         batch, rows_for, caught_up = Batch(), [], []
         decoding = False
-        for job in self._active:
+        for job in sorted(self._active, key=lambda j: j.slot.seq):
             if job.next_token is not None:
                 slot = job.slot
                 batch.add(job.next_token, slot.seq, len(slot.tokens), True)
