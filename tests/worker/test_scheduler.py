@@ -420,19 +420,28 @@ async def test_decoding_tokens_go_in_sequence_order_whatever_the_admission_order
     try:
         a = e.render_prompt([ChatMessage("user", "first question")], True, False)[0]
         b = e.render_prompt([ChatMessage("user", "another question")], True, False)[0]
-        # Sessions a and b decoded together take sequences 0 and 1.
         first, second = await asyncio.gather(generate(e, a, "a", greedy(2)), generate(e, b, "b", greedy(2)))
         seqs.clear()
-        # b's continuation is admitted first and goes back to sequence 1, a's to 0.
-        task_b = asyncio.create_task(generate(e, b + list(second.token_ids), "b", greedy(30)))
-        await asyncio.sleep(0.02)
-        await asyncio.gather(task_b, generate(e, a + list(first.token_ids), "a", greedy(8)))
+        # b's continuation first, alone until its first token is out: it is admitted first.
+        later_b = e.generate(GenerateRequest(b + list(second.token_ids), greedy(30), NO_STOP, "b"), CancelToken())
+        await anext(later_b)
+        seq_b = seqs[0][0]
+        later_a = generate(e, a + list(first.token_ids), "a", greedy(8))
+        _, got_a = await asyncio.gather(_drain(later_b), later_a)
+        assert len(got_a.token_ids) == 8
+        seq_a = 1 - seq_b
+        assert seq_b > seq_a, "each session went back to its own sequence, b's the higher: admission order is descending"
         together = [s for s in seqs if len(s) == 2 and len(set(s)) == 2]
         # The first holds b's next token and the rest of a's prompt (decoding tokens go
         # before prompts); from then on both decode, one token each per batch.
         assert len(together) >= 5 and all(s == [0, 1] for s in together[1:]), seqs
     finally:
         await e.close()
+
+
+async def _drain(stream) -> None:
+    async for _ in stream:
+        pass
 
 
 async def test_a_closed_engine_refuses_new_work():
