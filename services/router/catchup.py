@@ -30,6 +30,7 @@ from typing import Callable
 from services.router import metrics
 from services.router.api.types import PrefixMode, Role
 from services.router.worker_client import WorkerClient
+from services.worker.prompt_delta import Continued
 
 log = logging.getLogger("glimprouter.router.catchup")
 
@@ -149,14 +150,14 @@ class EagerCatchUp:
     async def _target(self, role: Role, covered: int) -> list[int]:
         """The prefix to send `role`: the stored prefix, and the first `covered` tokens of
         the step being written when `role` is its reader."""
-        base = self.stored_prefix(role)
+        base = self.stored_prefix(role)  # (the session's own list: a Multiplex stream sends what it added)
         if not covered:
-            return list(base)
+            return base
         if self.mode is PrefixMode.TOKENS:
-            return base + self.step_ids[:covered]
+            return Continued(base, self.step_ids[:covered])
         text = self.step_text
         ids = await self.workers[role].tokenize(text) if text else []
-        return base + ids[:-1]  # the last token may still merge with what follows
+        return Continued(base, ids[:-1])  # the last token may still merge with what follows
 
     async def _run(self) -> None:
         while not self._closed:

@@ -213,6 +213,9 @@ class RouterCore:
         except BaseException as exc:
             await self._mark(lease, "interrupted", str(exc) or type(exc).__name__)
             raise
+        finally:
+            for pool in self.pools.values():
+                pool.forget(sid)  # the workers' streams let go of the session's prefix
 
     async def _note_trace(self, sid: str) -> None:
         trace_id = spans.current_trace_id()

@@ -45,6 +45,7 @@ from services.router.errors import SessionCancelled, WorkerFault
 from services.router.policies import Policy, StepOutcome
 from services.router.session import STEP_BOUNDARY, Kind, Record, SessionOptions, TurnState, views_for
 from services.router.worker_client import WorkerClient
+from services.worker.prompt_delta import Continued
 from services.worker.types import (
     Chunk,
     Decided,
@@ -227,7 +228,7 @@ class _Ctx:
         else:
             draft_ids = await self._timed(large.tokenize(draft.text))
         judge = await self.loop.cached_tokens(Role.LARGE, judge_text)
-        g = await self._timed(large.glimpse(self._prefix(Role.LARGE) + draft_ids + judge, top_k))
+        g = await self._timed(large.glimpse(Continued(self._prefix(Role.LARGE), list(draft_ids) + judge), top_k))
         self._prefilled(g.usage, g.timings)
         return g
 
@@ -453,7 +454,7 @@ class StepLoop:
         stop = StopParams(step_boundary="", stop=(), stop_on_eos=True)
         final: Generation | None = None
         worker_t0 = time.perf_counter()
-        req = GenerateRequest(st.prefixes[view] + join[view], sampling, stop, st.session_id)
+        req = GenerateRequest(Continued(st.prefixes[view], join[view]), sampling, stop, st.session_id)
         first = True
         async with contextlib.aclosing(worker.generate_stream(req)) as chunks:
             async for chunk in chunks:

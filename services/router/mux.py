@@ -8,6 +8,10 @@ message; a reader task hands each result to its call, and a caller reading a
 streamed call takes every chunk that piled up at once, merged into one. Under
 load the cost per step is a share of a message, not a message per token.
 
+A call's prompt goes as a delta against the same session's previous call on the
+stream (services/worker/prompt_delta.py), so a call costs what the session added
+since, not its length; a delta the worker cannot resolve is sent again whole.
+
 A call fails as the per-call RPC would: with a grpc.aio.AioRpcError of the
 worker's status code (UNAVAILABLE when the stream breaks: the worker died or
 restarted), so the pool's retry and health logic (workers.py) read it the same
@@ -20,7 +24,7 @@ import collections
 import contextlib
 import itertools
 import logging
-from typing import AsyncIterator
+from typing import AsyncIterator, Sequence
 
 import grpc
 from opentelemetry import propagate
@@ -28,6 +32,7 @@ from opentelemetry import propagate
 from glimprouter.v1 import worker_pb2 as pb
 from services.router import metrics, spans
 from services.worker.mux import merge, split
+from services.worker.prompt_delta import Sender
 
 log = logging.getLogger("glimprouter.router.workers")
 
@@ -66,16 +71,28 @@ class MuxChannel:
         self._stream = None
         self._wake: asyncio.Event | None = None
         self._tasks: list[asyncio.Task] = []
+        self.sender = Sender()  # what this stream sent of each session's prompt
 
     # ---- the stream ------------------------------------------------------------------------
-    def _send(self, call: pb.MuxCall) -> None:
+    def _send(self, call: pb.MuxCall, prompt: Sequence[int] | None = None) -> bool:
+        """Queues `call`, with `prompt` (if any) encoded for this stream as it is now;
+        True when the prompt went as a delta."""
         if self._stream is None:
             self._open()
+        delta = False
+        if prompt is not None:
+            request = getattr(call, call.WhichOneof("call"))
+            delta = self.sender.encode(request.session_id, prompt, request.prompt)
         self.outbox.append(call)
         self._wake.set()
+        return delta
+
+    def forget(self, session_id: str) -> None:
+        self.sender.forget(session_id)
 
     def _open(self) -> None:
         stream = self._stream = self.stub.Multiplex()
+        self.outbox, self.sender = [], Sender()  # a new stream: the worker holds no prompts of it
         self._wake = asyncio.Event()
         # Untraced: the stream outlives every request; each call has its own span.
         ctx = spans.untraced_context()
@@ -120,6 +137,7 @@ class MuxChannel:
         finally:
             if self._stream is stream:
                 self._stream = None
+                self.outbox = []  # (their calls fail below)
                 for task in self._tasks:
                     if task is not asyncio.current_task():
                         task.cancel()
@@ -135,9 +153,11 @@ class MuxChannel:
             self._stream = None
 
     # ---- calls -------------------------------------------------------------------------------
-    async def results(self, method: str, request, timeout_s: float) -> AsyncIterator[pb.MuxResult]:
+    async def results(self, method: str, request, timeout_s: float,
+                      prompt: Sequence[int] | None = None) -> AsyncIterator[pb.MuxResult]:
         """The results of one call, as they come; what piled up between two reads comes
-        as one result (its chunks merged)."""
+        as one result (its chunks merged). `prompt`: the request's prompt, which this
+        stream encodes (a delta when it can)."""
         call_id = next(self._ids)
         pending = self.calls[call_id] = _Pending()
         call = pb.MuxCall(id=call_id, timeout_ms=max(1, int(timeout_s * 1000)), coalesce_ms=self.coalesce_ms,
@@ -149,7 +169,7 @@ class MuxChannel:
                 propagate.inject(carrier, context=spans.context_of(span))
                 call.traceparent = carrier.get("traceparent", "")
             try:
-                self._send(call)
+                delta = self._send(call, prompt)
                 loop = asyncio.get_running_loop()
                 while not finished:
                     if not pending.items:
@@ -163,6 +183,14 @@ class MuxChannel:
                             finished = True
                             raise item
                         if item.HasField("error"):
+                            if delta and item.error.code == "FAILED_PRECONDITION":
+                                # The worker no longer held the session's previous prompt:
+                                # the same call again, with its prompt whole.
+                                self.sender.forget(getattr(call, CALLS[method]).session_id)
+                                call_id = call.id = next(self._ids)
+                                pending = self.calls[call_id] = _Pending()
+                                delta = self._send(call, prompt)
+                                break
                             finished = True
                             raise rpc_error(_code(item.error.code), item.error.message)
                         finished = finished or item.last
@@ -174,9 +202,9 @@ class MuxChannel:
                 if not finished and self.calls.pop(call_id, None) is not None and self._stream is not None:
                     self._send(pb.MuxCall(id=call_id, cancel=True))  # the caller went away: stop the work
 
-    async def call(self, method: str, request, timeout_s: float):
+    async def call(self, method: str, request, timeout_s: float, prompt: Sequence[int] | None = None):
         """A unary call: its one result's message."""
-        async with contextlib.aclosing(self.results(method, request, timeout_s)) as results:
+        async with contextlib.aclosing(self.results(method, request, timeout_s, prompt)) as results:
             async for item in results:
                 return getattr(item, item.WhichOneof("result"))
         raise rpc_error(grpc.StatusCode.INTERNAL, f"{method} on {self.address} ended without a result")

@@ -29,6 +29,8 @@ class Pool(Protocol):
 
     def bind(self, session_id: str, affinity: dict[str, str]) -> WorkerClient: ...
 
+    def forget(self, session_id: str) -> None: ...
+
 
 def prefix_mode(small: ModelInfo, large: ModelInfo) -> PrefixMode:
     # Token ids can only travel between models that mean the same thing by them.

@@ -113,3 +113,6 @@ class LocalPool:
 
     def bind(self, session_id: str, affinity: dict[str, str]) -> WorkerClient:
         return EngineClient(self.engine, session_id)
+
+    def forget(self, session_id: str) -> None:
+        """(No stream holds its prompts: nothing to let go of.)"""

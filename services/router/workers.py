@@ -289,7 +289,7 @@ class WorkerPool:
         affinity[self.role] = chosen.address
         return chosen
 
-    async def extend(self, session_id: str, affinity: dict[str, str], request):
+    async def extend(self, session_id: str, affinity: dict[str, str], request, prompt: Sequence[int]):
         """A catch-up call: to the session's home only, once. Never retried elsewhere and
         never a reason to re-home the session (another replica holds none of its state);
         a session without a home yet gets the one its first real call would get."""
@@ -302,7 +302,7 @@ class WorkerPool:
                 raise WorkersUnavailable(f"the session's {self.role} worker {current} is down; no catch-up")
         t0 = time.perf_counter()
         try:
-            out = await ep.mux.call("Extend", request, self._timeout())
+            out = await ep.mux.call("Extend", request, self._timeout(), prompt)
         except grpc.aio.AioRpcError as exc:
             self._ended(ep, "Extend", exc.code().name, t0)
             if exc.code() is grpc.StatusCode.UNAVAILABLE:
@@ -343,14 +343,15 @@ class WorkerPool:
                 return
             state = ep.channel.get_state(try_to_connect=True)
 
-    async def call(self, session_id: str, affinity: dict[str, str], method: str, request):
+    async def call(self, session_id: str, affinity: dict[str, str], method: str, request,
+                   prompt: Sequence[int] | None = None):
         tried: set[str] = set()
         for attempt in range(self.retries + 1):
             ep = self.pick(session_id, affinity, tried)
             t0 = time.perf_counter()
             try:
                 await self._connected(ep)
-                out = await ep.mux.call(method, request, self._timeout())
+                out = await ep.mux.call(method, request, self._timeout(), prompt)
             except grpc.aio.AioRpcError as exc:
                 self._ended(ep, method, exc.code().name, t0)
                 self._raise_unless_retryable(ep, exc, method)
@@ -363,8 +364,10 @@ class WorkerPool:
                 return out
         raise WorkersUnavailable(f"{method} failed on every {self.role} worker tried ({', '.join(sorted(tried))})")
 
-    async def stream(self, session_id: str, affinity: dict[str, str], method: str, request) -> AsyncIterator:
-        """A streaming call; retried elsewhere only while nothing of it has been read."""
+    async def stream(self, session_id: str, affinity: dict[str, str], method: str, request,
+                     prompt: Sequence[int] | None = None) -> AsyncIterator:
+        """A streaming call; retried elsewhere only while nothing of it has been read.
+        `prompt`: the request's prompt, left to each attempt's stream to encode."""
         tried: set[str] = set()
         for attempt in range(self.retries + 1):
             ep = self.pick(session_id, affinity, tried)
@@ -374,7 +377,7 @@ class WorkerPool:
             try:
                 await self._connected(ep)
                 # A caller that stops reading (cancelled, gone) closes the call: the worker stops.
-                async with contextlib.aclosing(ep.mux.results(method, request, self._timeout())) as results:
+                async with contextlib.aclosing(ep.mux.results(method, request, self._timeout(), prompt)) as results:
                     async for r in results:
                         msg = r.step if r.HasField("step") else r.chunk
                         started = True
@@ -426,6 +429,12 @@ class WorkerPool:
             raise asyncio.CancelledError()
         raise RouterError(f"{method} on {self.role} worker {ep.address} failed: {code.name}: {exc.details()}") from None
 
+    def forget(self, session_id: str) -> None:
+        """The session's turn is over here: its next call's prompt goes whole (to whichever
+        router takes it), and the streams hold no reference to its prefix."""
+        for ep in self.endpoints:
+            ep.mux.forget(session_id)
+
     def bind(self, session_id: str, affinity: dict[str, str]) -> "BoundWorker":
         return BoundWorker(self, session_id, affinity)
 
@@ -438,8 +447,8 @@ class BoundWorker(WorkerClient):
         self.pool, self.session_id, self.affinity = pool, session_id, affinity
         self.info = pool.info
 
-    async def _call(self, method: str, request):
-        return await self.pool.call(self.session_id, self.affinity, method, request)
+    async def _call(self, method: str, request, prompt: Sequence[int] | None = None):
+        return await self.pool.call(self.session_id, self.affinity, method, request, prompt)
 
     async def render_prompt(self, messages, add_generation_prompt=True, continue_final_message=False):
         req = pb.RenderPromptRequest(
@@ -454,13 +463,14 @@ class BoundWorker(WorkerClient):
         return list((await self._call("Tokenize", pb.TokenizeRequest(text=text))).token_ids)
 
     async def glimpse(self, prompt, top_k):
-        r = await self._call("Glimpse", protomap.glimpse_request_to_pb(prompt, top_k, self.session_id))
+        # The prompt is left out of the request: the stream encodes it (a delta when it can).
+        r = await self._call("Glimpse", protomap.glimpse_request_to_pb(None, top_k, self.session_id), prompt)
         return protomap.glimpse_from_pb(r)
 
     async def step_stream(self, req, gate):
         reader = protomap.ChunkReader()
-        request = protomap.step_request_to_pb(req, gate)
-        async for c in self.pool.stream(self.session_id, self.affinity, "StepStream", request):
+        request = protomap.step_request_to_pb(req, gate, with_prompt=False)
+        async for c in self.pool.stream(self.session_id, self.affinity, "StepStream", request, req.prompt):
             if c.HasField("chunk"):
                 yield reader.read(c.chunk)
             else:
@@ -476,11 +486,12 @@ class BoundWorker(WorkerClient):
 
     async def generate_stream(self, req) -> AsyncIterator[Chunk]:
         reader = protomap.ChunkReader()
-        async for c in self.pool.stream(self.session_id, self.affinity, "GenerateStream", protomap.generate_request_to_pb(req)):
+        request = protomap.generate_request_to_pb(req, with_prompt=False)
+        async for c in self.pool.stream(self.session_id, self.affinity, "GenerateStream", request, req.prompt):
             yield reader.read(c)
 
     async def extend(self, prompt):
-        r = await self.pool.extend(self.session_id, self.affinity, protomap.extend_request_to_pb(prompt, self.session_id))
+        r = await self.pool.extend(self.session_id, self.affinity, protomap.extend_request_to_pb(None, self.session_id), prompt)
         return protomap.extension_from_pb(r)
 
 

@@ -8,7 +8,8 @@ one call merged. A call's chunks between its first and its last may also wait up
 to the call's `coalesce_ms` for more (the caller's choice: how fresh it needs
 them); anything else goes out at once. A router with many sessions on this
 worker therefore pays per batch and per coalescing window, not per call or per
-token.
+token. A call's prompt may come as a delta against the same session's previous
+call on the stream (prompt_delta.py): it is made whole here, before the call runs.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from opentelemetry.trace import SpanKind
 
 from glimprouter.v1 import worker_pb2 as pb
 from services.common import telemetry
+from services.worker.prompt_delta import Receiver
 
 log = logging.getLogger("glimprouter.worker")
 _tracer = trace.get_tracer("glimprouter.worker")
@@ -35,6 +37,7 @@ _CALLS = {
     "generate": ("GenerateStream", "chunk", True),
     "extend": ("Extend", "extend", False),
 }
+_PROMPTED = ("glimpse", "step", "generate", "extend")  # calls whose prompt may come as a delta
 
 
 MAX_BATCH_BYTES = 4 * 1024 * 1024  # a message stays well under the channels' limit
@@ -111,6 +114,7 @@ class Multiplexer:
         self.reading = True
         self.urgent = False  # something in the outbox must go out now
         self.timer: asyncio.TimerHandle | None = None  # when chunks that may wait are due
+        self.prompts = Receiver()  # the sessions' last prompts on this stream (prompt_delta.py)
 
     async def serve(self) -> None:
         reader = asyncio.create_task(self._read())
@@ -159,13 +163,21 @@ class Multiplexer:
                         if task is not None:
                             task.cancel()
                     elif kind in _CALLS and call.id not in self.tasks:
-                        self.tasks[call.id] = asyncio.create_task(self._run(call, kind))
+                        # In the order the calls came: a delta is against the one before it.
+                        why = self._resolve(getattr(call, kind)) if kind in _PROMPTED else ""
+                        if why:
+                            self._error(call.id, "FAILED_PRECONDITION", why)
+                        else:
+                            self.tasks[call.id] = asyncio.create_task(self._run(call, kind))
                     else:
                         self._put(pb.MuxResult(id=call.id, last=True, error=pb.MuxStatus(
                             code="INVALID_ARGUMENT", message=f"call {call.id}: no call, an unknown kind, or an id in use")))
         finally:
             self.reading = False  # the caller closed its side: finish the calls under way, then end
             self.wake.set()
+
+    def _resolve(self, request) -> str:
+        return self.prompts.resolve(request.session_id, request.prompt)
 
     async def _run(self, call: pb.MuxCall, kind: str) -> None:
         method, field, streams = _CALLS[kind]

@@ -135,7 +135,7 @@ def extension_from_pb(r: pb.ExtendResponse) -> Extension:
     return Extension(flat_from_pb(Usage, r.usage), flat_from_pb(Timings, r.timings))
 
 
-def extend_request_to_pb(prompt: Sequence[int], session_id: str) -> pb.ExtendRequest:
+def extend_request_to_pb(prompt: Sequence[int] | None, session_id: str) -> pb.ExtendRequest:
     return pb.ExtendRequest(prompt=prompt_to_pb(prompt), session_id=session_id)
 
 
@@ -161,8 +161,9 @@ def step_from_pb(r: pb.StepResponse) -> StepResult:
 
 
 # ---- requests: router -> protobuf (the worker reads them back through validation.py) ---------
-def prompt_to_pb(ids: Sequence[int]) -> pb.Prompt:
-    return pb.Prompt(token_ids=pb.TokenIds(ids=ids))
+def prompt_to_pb(ids: Sequence[int] | None) -> pb.Prompt | None:
+    """None: no prompt in the request (a Multiplex stream fills it in: router/mux.py)."""
+    return None if ids is None else pb.Prompt(token_ids=pb.TokenIds(ids=ids))
 
 
 def sampling_to_pb(s: SamplingParams) -> pb.Sampling:
@@ -178,22 +179,22 @@ def stop_to_pb(s: StopParams) -> pb.StopCondition:
     return pb.StopCondition(step_boundary=s.step_boundary, stop=list(s.stop), stop_on_eos=s.stop_on_eos)
 
 
-def generate_request_to_pb(r: GenerateRequest) -> pb.GenerateRequest:
+def generate_request_to_pb(r: GenerateRequest, with_prompt: bool = True) -> pb.GenerateRequest:
     return pb.GenerateRequest(
-        prompt=prompt_to_pb(r.prompt), sampling=sampling_to_pb(r.sampling), stop=stop_to_pb(r.stop),
+        prompt=prompt_to_pb(r.prompt if with_prompt else None), sampling=sampling_to_pb(r.sampling), stop=stop_to_pb(r.stop),
         session_id=r.session_id, return_entropies=r.return_entropies, top_k=r.top_k,
     )
 
 
-def step_request_to_pb(r: GenerateRequest, gate: Gate) -> pb.StepRequest:
+def step_request_to_pb(r: GenerateRequest, gate: Gate, with_prompt: bool = True) -> pb.StepRequest:
     return pb.StepRequest(
-        prompt=prompt_to_pb(r.prompt), entropy_method=enum_to_pb(gate.method, pb.EntropyMethod),
+        prompt=prompt_to_pb(r.prompt if with_prompt else None), entropy_method=enum_to_pb(gate.method, pb.EntropyMethod),
         threshold=gate.threshold, top_k=r.top_k, sampling=sampling_to_pb(r.sampling), stop=stop_to_pb(r.stop),
         session_id=r.session_id,
     )
 
 
-def glimpse_request_to_pb(prompt: Sequence[int], top_k: int, session_id: str) -> pb.GlimpseRequest:
+def glimpse_request_to_pb(prompt: Sequence[int] | None, top_k: int, session_id: str) -> pb.GlimpseRequest:
     return pb.GlimpseRequest(prompt=prompt_to_pb(prompt), top_k=top_k, session_id=session_id)
 
 

@@ -49,6 +49,8 @@ def prompt_ids(prompt: pb.Prompt, limits: Limits, tokenize: Callable[[str], list
     kind = prompt.WhichOneof("kind")
     if kind is None:
         raise InvalidArgument(field, "is required (token_ids or text)")
+    if kind == "delta":  # resolved by the Multiplex stream (prompt_delta.py) before it gets here
+        raise InvalidArgument(f"{field}.delta", "is only valid on Multiplex (send token_ids or text)")
     if kind == "text":
         if not prompt.text:
             raise InvalidArgument(f"{field}.text", "is empty")

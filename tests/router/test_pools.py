@@ -22,6 +22,7 @@ from glimprouter.v1 import worker_pb2_grpc as pb_grpc
 from services.router.errors import WorkersUnavailable
 from services.router.workers import WorkerPool
 from services.worker.mux import Multiplexer
+from services.worker.prompt_delta import SESSIONS, Continued, Receiver
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -42,6 +43,9 @@ class FakeWorker:
         self.hold: asyncio.Event | None = None
         self.checked = asyncio.Event()  # a health check has arrived
         self.calls = 0
+        self.prompts: list[tuple[str, list[int]]] = []  # (session, whole prompt) of each Extend
+        self.kinds: list[str] = []  # how each prompt came on the stream: "token_ids" or "delta"
+        self.keeps = SESSIONS  # sessions whose prompts the worker's end of a stream keeps
         self.server: grpc.aio.Server | None = None
 
     @property
@@ -63,8 +67,21 @@ class FakeWorker:
                     await context.abort(fake.fail, "scripted failure")
                 return pb.TokenizeResponse(token_ids=[4])
 
+            async def Extend(self, request, context):
+                fake.prompts.append((request.session_id, list(request.prompt.token_ids.ids)))
+                return pb.ExtendResponse()
+
             async def Multiplex(self, request_iterator, context):
-                await Multiplexer(self, request_iterator, context).serve()
+                mux = Multiplexer(self, request_iterator, context)
+                mux.prompts = Receiver(fake.keeps)
+                resolve = mux._resolve
+
+                def noted(request) -> str:  # how each prompt came, before the stream made it whole
+                    fake.kinds.append(request.prompt.WhichOneof("kind"))
+                    return resolve(request)
+
+                mux._resolve = noted
+                await mux.serve()
 
         class Health(health_pb2_grpc.HealthServicer):
             async def Check(self, request, context):
@@ -192,3 +209,34 @@ async def test_a_health_check_under_way_when_a_call_fails_does_not_mark_the_endp
     # Before: the SERVING sent before the failure marked the endpoint up again, and the
     # router's readiness said SERVING for a worker that had just refused a call.
     assert not ep.healthy and not pool.serving()
+
+
+async def test_a_sessions_prompts_go_as_deltas_and_arrive_whole(fakes):
+    w = await fakes.new()
+    pool = await fakes.pool(w)
+    prefix = list(range(100, 400))
+    sent = []
+    for step in range(4):
+        prompt = Continued(prefix, [7, 7]) if step == 2 else prefix
+        sent.append(list(prompt))
+        await pool.extend("s1", {}, pb.ExtendRequest(session_id="s1"), prompt)
+        prefix.extend([step, step + 1])  # a step stored
+    assert w.prompts == [("s1", p) for p in sent]
+    assert w.kinds == ["token_ids", "delta", "delta", "delta"]
+    # The session's turn ended: its next call goes whole (to whichever router takes it).
+    pool.forget("s1")
+    await pool.extend("s1", {}, pb.ExtendRequest(session_id="s1"), prefix)
+    assert w.kinds[-1] == "token_ids" and w.prompts[-1] == ("s1", prefix)
+
+
+async def test_a_delta_the_worker_cannot_resolve_is_sent_again_whole(fakes):
+    w = await fakes.new()
+    w.keeps = 1  # the worker keeps fewer sessions than the router thinks: every delta below is refused
+    pool = await fakes.pool(w)
+    a, b = [1, 2, 3], [5, 6]
+    for sid, prefix in (("a", a), ("b", b)):
+        await pool.extend(sid, {}, pb.ExtendRequest(session_id=sid), prefix)
+    a.append(4)
+    await pool.extend("a", {}, pb.ExtendRequest(session_id="a"), a)
+    assert w.prompts[-1] == ("a", [1, 2, 3, 4])  # the call succeeded, with the whole prompt
+    assert w.kinds == ["token_ids", "token_ids", "delta", "token_ids"]  # refused, then sent whole

@@ -133,3 +133,34 @@ def test_split_bounds_a_message_and_keeps_the_order():
     parts = split(calls, 3000)
     assert [c.id for p in parts for c in p] == list(range(7)) and all(sum(c.ByteSize() for c in p) <= 3000 for p in parts)
     assert split(calls[:1], 10) == [calls[:1]] and split([], 10) == []
+
+
+def test_a_prompt_delta_on_the_stream_answers_as_the_whole_prompt_and_nowhere_else(sim):
+    def delta(keep: int, ids: list[int]) -> pb.Prompt:
+        return pb.Prompt(delta=pb.PromptDelta(keep=keep, ids=ids))
+
+    with grpc.insecure_channel(sim.address) as ch:
+        stub = worker_pb2_grpc.ModelWorkerStub(ch)
+        prompt = list(stub.RenderPrompt(pb.RenderPromptRequest(
+            messages=[pb.ChatMessage(role="user", content="hi")], add_generation_prompt=True)).token_ids)
+        longer = prompt + [prompt[0], prompt[1]]
+        whole = list(stub.GenerateStream(gen_request(longer, max_tokens=8)))
+        # Outside Multiplex a delta has nothing to be a delta against.
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.GenerateStream(pb.GenerateRequest(prompt=delta(0, prompt), sampling=pb.Sampling(max_tokens=4))))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "prompt.delta" in err.value.details()
+        mux = Mux(stub)
+        try:
+            first = gen_request(prompt, max_tokens=8)
+            first.session_id = "s"
+            second = pb.GenerateRequest(prompt=delta(len(prompt), longer[len(prompt):]), session_id="s",
+                                        sampling=pb.Sampling(max_tokens=8), stop=pb.StopCondition(step_boundary=""))
+            stranger = pb.GenerateRequest(prompt=delta(1, [3]), session_id="never-seen", sampling=pb.Sampling(max_tokens=8))
+            mux.send(pb.MuxCall(id=1, generate=first), pb.MuxCall(id=2, generate=second), pb.MuxCall(id=3, generate=stranger))
+            got = [r.chunk for r in mux.wait(2) if r.WhichOneof("result")]
+            assert [i for c in got for i in c.token_ids] == [i for c in whole for i in c.token_ids]
+            assert got[-1].usage.prompt_tokens == len(longer)
+            (refused,) = mux.wait(3)
+            assert refused.error.code == "FAILED_PRECONDITION" and "never-seen" in refused.error.message
+        finally:
+            mux.close()

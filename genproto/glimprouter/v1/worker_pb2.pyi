@@ -43,12 +43,22 @@ FINISH_REASON_CANCELLED: FinishReason
 FINISH_REASON_CONTEXT: FinishReason
 
 class Prompt(_message.Message):
-    __slots__ = ("token_ids", "text")
+    __slots__ = ("token_ids", "text", "delta")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
     token_ids: TokenIds
     text: str
-    def __init__(self, token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., text: _Optional[str] = ...) -> None: ...
+    delta: PromptDelta
+    def __init__(self, token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., text: _Optional[str] = ..., delta: _Optional[_Union[PromptDelta, _Mapping]] = ...) -> None: ...
+
+class PromptDelta(_message.Message):
+    __slots__ = ("keep", "ids")
+    KEEP_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    keep: int
+    ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, keep: _Optional[int] = ..., ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class TokenIds(_message.Message):
     __slots__ = ("ids",)
