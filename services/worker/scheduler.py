@@ -125,13 +125,32 @@ class Job:
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
-    if len(a) <= len(b) and b[: len(a)] == a:  # the usual case, an extension: one C-level comparison
-        return len(a)
+    """How many leading tokens `a` and `b` share. A placement asks it of every idle
+    sequence, most of which share only the chat template's first tokens with the
+    prompt: so unless the last shared position agrees (most likely an extension: one
+    comparison), it compares blocks that double in size (a difference near the start
+    costs one small comparison), then halves the block that differs; all comparisons
+    are C-level slices, never a Python loop over the tokens."""
     n = min(len(a), len(b))
-    if n == 0:
-        return 0
-    diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
-    return int(diff[0]) if diff.size else n
+    if n and a[n - 1] == b[n - 1] and a[:n] == b[:n]:  # most likely an extension: one comparison
+        return n
+    i, size = 0, 32
+    while i < n:
+        j = min(n, i + size)
+        if a[i:j] != b[i:j]:
+            break
+        i, size = j, size * 2
+    else:
+        return n
+    while j - i > 8:  # the first difference is in [i, j)
+        m = (i + j) // 2
+        if a[i:m] == b[i:m]:
+            i = m
+        else:
+            j = m
+    while a[i] == b[i]:
+        i += 1
+    return i
 
 
 class Scheduler(Engine):

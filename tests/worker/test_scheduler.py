@@ -21,7 +21,7 @@ import pytest
 from services.worker.backends.llamacpp import LlamaCppModel
 from services.worker.backends.sim import SimModel
 from services.worker.engine import CancelToken
-from services.worker.scheduler import Scheduler
+from services.worker.scheduler import Scheduler, common_prefix
 from services.worker.types import (
     ChatMessage,
     Decided,
@@ -529,3 +529,15 @@ async def test_extended_state_gives_the_distribution_of_a_fresh_run(eng, referen
     g = await glimpse(eng, nxt, "caught")
     assert g.usage.cached_tokens == len(prompt + step)
     assert_matches(g, reference(nxt, len(prompt), len(prompt + step)))
+
+
+def test_common_prefix_finds_the_first_difference_wherever_it_is():
+    import random
+
+    rng = random.Random(3)
+    for _ in range(5000):
+        a = [rng.randrange(3) for _ in range(rng.randrange(0, 400))]
+        b = a[: rng.randrange(0, len(a) + 1)] + [rng.randrange(3) for _ in range(rng.randrange(0, 400))]
+        a, b = (b, a) if rng.random() < 0.5 else (a, b)
+        expected = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        assert common_prefix(a, b) == expected
