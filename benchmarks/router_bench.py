@@ -71,14 +71,26 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
 
 
-async def one_session(stub, overheads: list[float], policy: str) -> int:
+QUESTION = "What is 2 + 3?"
+FILLER = " Some context that the question comes with, as a long prompt carries it."
+
+
+def prompt_text(words: int) -> str:
+    """The question, after about `words` words of context (a long session's prefix)."""
+    n = -(-words // len(FILLER.split())) if words else 0
+    return (FILLER * n).strip() + "\n\n" + QUESTION if n else QUESTION
+
+
+async def one_session(stub, overheads: list[float], policy: str, prompt: str, prompt_tokens: list[int]) -> int:
     steps = 0
-    req = pb.ReasonRequest(prompt="What is 2 + 3?", routing=pb.RoutingOptions(policy=policy))
-    async for batch in stub.ReasonStream(req, timeout=120):
+    req = pb.ReasonRequest(prompt=prompt, routing=pb.RoutingOptions(policy=policy))
+    async for batch in stub.ReasonStream(req, timeout=300):
         for ev in batch.events:  # the events that piled up at the router since its last message
             if ev.HasField("step"):
                 overheads.append((ev.step.latency_ms - ev.step.worker_ms) * 1000.0)
                 steps += 1
+            elif ev.HasField("done"):
+                prompt_tokens.append(ev.done.stats.prompt_tokens)
     return steps
 
 
@@ -96,8 +108,9 @@ async def bare_rpc_us(address: str, n: int = 500) -> float:
         return (time.process_time() - t0) / n * 1e6
 
 
-async def run_level(address: str, concurrency: int, sessions: int, policy: str) -> dict:
+async def run_level(address: str, concurrency: int, sessions: int, policy: str, prompt: str = QUESTION) -> dict:
     overheads: list[float] = []
+    prompt_tokens: list[int] = []
     async with grpc.aio.insecure_channel(address) as ch:
         stub = router_pb2_grpc.RouterStub(ch)
         queue = list(range(sessions))
@@ -107,13 +120,14 @@ async def run_level(address: str, concurrency: int, sessions: int, policy: str) 
             nonlocal total
             while queue:
                 queue.pop()
-                steps = await one_session(stub, overheads, policy)
+                steps = await one_session(stub, overheads, policy, prompt, prompt_tokens)
                 total += steps  # (not `total += await ...`: that reads `total` before the await)
 
         t0 = time.perf_counter()
         await asyncio.gather(*(client() for _ in range(concurrency)))
         wall = time.perf_counter() - t0
-    return {"steps": total, "wall": wall, "overheads": overheads}
+    return {"steps": total, "wall": wall, "overheads": overheads,
+            "prompt_tokens": statistics.median(prompt_tokens) if prompt_tokens else 0}
 
 
 class Bench:
@@ -142,12 +156,13 @@ class Bench:
         self.services.append(svc)
         return svc
 
-    def measure(self, n: int, sessions: int, policy: str, profile_dir: str | None = None, native: bool = False) -> dict:
-        asyncio.run(run_level(self.router.address, min(n, 8), 8, policy))  # warm up connections and caches
+    def measure(self, n: int, sessions: int, policy: str, profile_dir: str | None = None, native: bool = False,
+                prompt: str = QUESTION) -> dict:
+        asyncio.run(run_level(self.router.address, min(n, 8), 8, policy, prompt))  # warm up connections and caches
         rec = profile.Recording(self.router.proc.pid, Path(profile_dir) / f"router-{n}.txt", native=native) if profile_dir else None
         pid = self.router.proc.pid
         c0, cpu0, m0 = command_counts(self.r), cpu_seconds(pid), router_metrics(self.metrics_port)
-        res = asyncio.run(run_level(self.router.address, n, sessions, policy))
+        res = asyncio.run(run_level(self.router.address, n, sessions, policy, prompt))
         c1, cpu1, m1 = command_counts(self.r), cpu_seconds(pid), router_metrics(self.metrics_port)
         row: dict = {}
         if rec is not None:
@@ -161,7 +176,8 @@ class Bench:
 
         ov = res["overheads"]
         row.update({
-            "n": n, "sessions": sessions, "steps": steps, "cpu_s": cpu1 - cpu0,
+            "n": n, "sessions": sessions, "steps": steps, "cpu_s": cpu1 - cpu0, "prompt_tokens": res["prompt_tokens"],
+            "cmds_n": sum(v for k, v in cmds.items() if k != "cmdstat_info"),
             "p50": pct(ov, 0.5), "p99": pct(ov, 0.99), "mean": statistics.fmean(ov),
             "sps": steps / res["wall"], "cpu_us": (cpu1 - cpu0) / steps * 1e6,
             "cmds": sum(v for k, v in cmds.items() if k != "cmdstat_info") / steps,
@@ -192,6 +208,8 @@ def main() -> int:
     ap.add_argument("--policy", default="glimpse")
     ap.add_argument("--split-at", type=int, default=64,
                     help="concurrency at which sessions of 30 steps are also run, to split CPU per step from CPU per session (0: skip)")
+    ap.add_argument("--long-prompt-words", type=int, default=500,
+                    help="with --split-at: the same sessions after a prompt of about this many words of context")
     ap.add_argument("--router-args", default="", help="extra router flags, e.g. \"--stream-interval-ms 0\"")
     ap.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
     ap.add_argument("--profile", metavar="DIR", help="record the router with py-spy during each level (raw stacks in DIR) "
@@ -217,27 +235,22 @@ def main() -> int:
     split = None
     if args.split_at:
         short = next((r for r in rows if r["n"] == args.split_at), None)
-        bench = Bench(LONG, router_args)
-        try:
-            long_row = bench.measure(args.split_at, max(64, args.split_at * 2), args.policy)
-            print(f"sessions of {LONG + 1} steps: " + line(long_row), flush=True)
-        finally:
-            bench.close()
         if short is None:
-            bench = Bench(6, router_args)
-            try:
-                short = bench.measure(args.split_at, max(64, args.split_at * args.sessions_per_client), args.policy)
-            finally:
-                bench.close()
-        # CPU = per_session * sessions + per_step * steps, from the two shapes.
-        a = (short["cpu_s"], short["sessions"], short["steps"])
-        b = (long_row["cpu_s"], long_row["sessions"], long_row["steps"])
-        det = a[1] * b[2] - b[1] * a[2]
-        per_step = (a[1] * b[0] - b[1] * a[0]) / det
-        per_session = (a[0] - per_step * a[2]) / a[1]
-        split = {"long": long_row, "per_step_us": per_step * 1e6, "per_session_us": per_session * 1e6}
+            short = measure_once(6, router_args, args.split_at, args.split_at * args.sessions_per_client, args.policy)
+        long_row = measure_once(LONG, router_args, args.split_at, args.split_at * 2, args.policy)
+        print(f"sessions of {LONG + 1} steps: " + line(long_row), flush=True)
+        # The prompt's length must not matter: what a step sends grows with the step, not the session.
+        wide = measure_once(6, router_args, args.split_at, args.split_at * args.sessions_per_client, args.policy,
+                            prompt_text(args.long_prompt_words))
+        print(f"a {wide['prompt_tokens']:.0f}-token prompt: " + line(wide), flush=True)
+        # CPU (and Redis commands) = per_session * sessions + per_step * steps, from the two shapes.
+        cpu_step, cpu_session = per_step_and_session(short, long_row, "cpu_s")
+        cmd_step, cmd_session = per_step_and_session(short, long_row, "cmds_n")
+        split = {"long": long_row, "wide": wide, "short": short, "per_step_us": cpu_step * 1e6,
+                 "per_session_us": cpu_session * 1e6, "cmds_per_step": cmd_step, "cmds_per_session": cmd_session}
         print(f"at {args.split_at} sessions: {split['per_step_us']:.0f} us of router CPU per step, "
-              f"{split['per_session_us']:.0f} us per session", flush=True)
+              f"{split['per_session_us']:.0f} us per session; Redis commands {cmd_step:.1f} per step, "
+              f"{cmd_session:.1f} per session", flush=True)
 
     body = report(rows, split, baseline, args)
     if args.no_write:
@@ -245,6 +258,21 @@ def main() -> int:
     else:
         print(f"wrote {write_section('router', body)}")
     return 0
+
+
+def measure_once(steps: int, router_args: list[str], n: int, sessions: int, policy: str, prompt: str = QUESTION) -> dict:
+    bench = Bench(steps, router_args)
+    try:
+        return bench.measure(n, max(64, sessions), policy, prompt=prompt)
+    finally:
+        bench.close()
+
+
+def per_step_and_session(a: dict, b: dict, key: str) -> tuple[float, float]:
+    """`key` = per_session * sessions + per_step * steps, solved from two session shapes."""
+    det = a["sessions"] * b["steps"] - b["sessions"] * a["steps"]
+    per_step = (a["sessions"] * b[key] - b["sessions"] * a[key]) / det
+    return per_step, (a[key] - per_step * a["steps"]) / a["sessions"]
 
 
 def report(rows: list[dict], split: dict | None, baseline: float, args) -> str:
@@ -266,13 +294,19 @@ def report(rows: list[dict], split: dict | None, baseline: float, args) -> str:
         goal += "."
     split_text = ""
     if split is not None:
-        lr = split["long"]
+        lr, wide, short = split["long"], split["wide"], split["short"]
         split_text = f"""
 Per step and per session, at {args.split_at} sessions: the same with sessions of {LONG + 1} steps
-({lr['cpu_us']:.0f} µs/step, {lr['to_client']:.2f} messages to clients per step) against the table's
-{args.split_at}-session row gives **{split['per_step_us']:.0f} µs of router CPU per additional step and
+({lr['cpu_us']:.0f} µs/step, {lr['to_client']:.2f} messages to clients per step) against
+{short['cpu_us']:.0f} µs/step at {short['steps'] // short['sessions'] if short['sessions'] else 0} steps gives **{split['per_step_us']:.0f} µs of router CPU per additional step and
 {split['per_session_us']:.0f} µs per session** (the call itself, its set-up in Redis and on the workers,
-Started, the answer and Done).
+Started, the answer and Done); Redis commands: **{split['cmds_per_step']:.1f} per additional step**
+(the step's write) and {split['cmds_per_session']:.1f} per session (creating it, the answer, the turn's end).
+
+Length of the session: the {short['steps'] // short['sessions'] if short['sessions'] else 0}-step sessions after a prompt of {wide['prompt_tokens']:.0f} tokens
+instead of {short['prompt_tokens']:.0f}: {wide['cpu_us']:.0f} µs/step, **{wide['cpu_us'] / short['cpu_us']:.2f}x** the short prompt's.
+A worker call sends what the session added since its previous call on the stream, not the
+session's prefix (a prompt delta: docs/router.md).
 """
     return f"""## Router
 
