@@ -43,6 +43,9 @@ from services.common import procs, redis_local
 LEVELS = (1, 16, 64, 256)
 COMMAND = "make bench-router"
 LONG = 30  # steps of the long sessions (before the </think> step)
+PIN = False  # --pin
+ROUTER_CORE = {0}
+OTHERS = set(range(1, os.cpu_count() or 2))
 
 
 def cpu_seconds(pid: int) -> float:
@@ -137,6 +140,8 @@ class Bench:
         self.rs = redis_local.start_private()
         self.r = redis.Redis(port=self.rs.port)
         self.services: list[procs.Service] = []
+        if PIN:  # the router on a core of its own (its own node); everything else on the others
+            os.sched_setaffinity(self.rs.pid, OTHERS)
         try:
             sim = ["services.worker", "--backend", "sim", "--model", "sim", "--port", "0", "--sim-hard-steps", "1,3",
                    "--sim-steps", str(steps), "--parallel", "256"]
@@ -152,7 +157,8 @@ class Bench:
         self.metrics_port = int(self.router.ready_fields["metrics_port"])
 
     def _start(self, name: str, argv: list[str]) -> procs.Service:
-        svc = procs.start(name, argv, timeout=60)
+        cores = ROUTER_CORE if name == "router" else OTHERS
+        svc = procs.start(name, argv, timeout=60, prefix=("taskset", "-c", ",".join(map(str, sorted(cores)))) if PIN else ())
         self.services.append(svc)
         return svc
 
@@ -210,12 +216,18 @@ def main() -> int:
                     help="concurrency at which sessions of 30 steps are also run, to split CPU per step from CPU per session (0: skip)")
     ap.add_argument("--long-prompt-words", type=int, default=500,
                     help="with --split-at: the same sessions after a prompt of about this many words of context")
+    ap.add_argument("--pin", action="store_true",
+                    help="the router on core 0 alone, the clients, workers and Redis on the other cores (as on separate nodes)")
     ap.add_argument("--router-args", default="", help="extra router flags, e.g. \"--stream-interval-ms 0\"")
     ap.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
     ap.add_argument("--profile", metavar="DIR", help="record the router with py-spy during each level (raw stacks in DIR) "
                     "and print its top costs; the CPU figures of a profiled run are not comparable")
     ap.add_argument("--native", action="store_true", help="with --profile: C frames too (pauses the router while sampling)")
     args = ap.parse_args()
+    if args.pin:
+        global PIN
+        PIN = True
+        os.sched_setaffinity(0, OTHERS)  # this process is the clients
     levels = [int(x) for x in args.levels.split(",")]
     router_args = args.router_args.split()
 

@@ -60,7 +60,10 @@ class EagerCatchUp:
         first: Role | None = None,
     ) -> None:
         self.workers = workers
-        self.roles = roles  # the roles the turn may still call: only those are worth catching up
+        self._roles_of = roles  # the roles the turn may still call: only those are worth catching up
+        # They change only when something is stored: read once per stored() (the loop calls
+        # tokens() per chunk and _due() per wake-up).
+        self._roles: frozenset[Role] = frozenset()
         self.stored_prefix = stored_prefix
         self.mode = mode
         self.chunk = max(1, chunk_tokens)
@@ -90,7 +93,8 @@ class EagerCatchUp:
         self.writer = None
         self.step_ids = []
         self.step_text = ""
-        self._owed = set(self.roles()) - {writer, self.first}
+        self._roles = frozenset(self._roles_of())
+        self._owed = set(self._roles) - {writer, self.first}
         for r in Role:
             self._sent_step[r] = 0
         self._poke()
@@ -111,7 +115,7 @@ class EagerCatchUp:
         self.step_ids.extend(ids)
         self.step_text += text
         reader = other(self.writer)
-        if reader in self.roles() and len(self.step_ids) - self._sent_step[reader] >= self.chunk:
+        if reader in self._roles and len(self.step_ids) - self._sent_step[reader] >= self.chunk:
             self._poke()
 
     async def close(self) -> None:
@@ -137,7 +141,7 @@ class EagerCatchUp:
         owed the stored prefix (not the writer, whose own call is reading it)."""
         if self._closed:
             return None
-        roles = self.roles()
+        roles = self._roles
         if self.writer is not None:
             reader = other(self.writer)
             if reader in roles and len(self.step_ids) - self._sent_step[reader] >= self.chunk:

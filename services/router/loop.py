@@ -129,24 +129,12 @@ class _Ctx:
         finally:
             self.worker_ms += (time.perf_counter() - t0) * 1e3
 
-    async def _items(self, stream: AsyncIterator):
-        """The stream's items; the time spent waiting for them counts as worker time
-        (the time the caller takes to receive the deltas does not)."""
-        it = stream.__aiter__()
-        try:
-            while True:
-                t0 = time.perf_counter()
-                try:
-                    item = await it.__anext__()
-                except StopAsyncIteration:
-                    return
-                finally:
-                    self.worker_ms += (time.perf_counter() - t0) * 1e3
-                yield item
-        finally:
-            aclose = getattr(it, "aclose", None)
-            if aclose is not None:
-                await aclose()
+    def _waited(self, since: float | None) -> None:
+        """Time spent waiting for a stream's next item counts as worker time (the time the
+        loop takes to pass the item on does not). Timed inline rather than by a wrapping
+        generator: every item of every step would pay for one more generator."""
+        if since is not None:
+            self.worker_ms += (time.perf_counter() - since) * 1e3
 
     # ---- what a policy calls ------------------------------------------------------------
     async def announce(self, role: Role, value: float, threshold: float) -> None:
@@ -160,14 +148,21 @@ class _Ctx:
     async def _show(self, chunks: AsyncIterator[Chunk]) -> Generation:
         final: Generation | None = None
         ids = self.loop.include_token_ids
-        async with contextlib.aclosing(self._items(chunks)) as items:
-            async for chunk in items:
-                if chunk.text or chunk.token_ids:
-                    self.loop.follow(chunk.token_ids, chunk.text)
-                    await self.loop.emit(StepDelta(self.index, chunk.text, len(chunk.token_ids),
-                                                   list(chunk.token_ids) if ids else []))
-                if chunk.final is not None:
-                    final = chunk.final
+        async with contextlib.aclosing(chunks) as items:
+            since = time.perf_counter()
+            try:
+                async for chunk in items:
+                    self._waited(since)
+                    since = None
+                    if chunk.text or chunk.token_ids:
+                        self.loop.follow(chunk.token_ids, chunk.text)
+                        await self.loop.emit(StepDelta(self.index, chunk.text, len(chunk.token_ids),
+                                                       list(chunk.token_ids) if ids else []))
+                    if chunk.final is not None:
+                        final = chunk.final
+                    since = time.perf_counter()
+            finally:
+                self._waited(since)
         if final is None:
             raise WorkerFault("the worker's stream ended without its final chunk")
         self._prefilled(final.usage, final.timings)
@@ -198,19 +193,27 @@ class _Ctx:
         head: Decided | None = None
         gen: Generation | None = None
         ids = self.loop.include_token_ids
-        async with contextlib.aclosing(self._items(stream)) as items:
-            async for item in items:
-                if isinstance(item, Decided):
-                    head = item
-                    if item.decision is StepDecision.KEEP:
-                        await self.announce(Role.SMALL, item.entropy, tau)
-                    continue  # on ESCALATE nothing follows: the large model writes the step
-                if item.text or item.token_ids:
-                    self.loop.follow(item.token_ids, item.text)
-                    await self.loop.emit(StepDelta(self.index, item.text, len(item.token_ids),
-                                                   list(item.token_ids) if ids else []))
-                if item.final is not None:
-                    gen = item.final
+        async with contextlib.aclosing(stream) as items:
+            since = time.perf_counter()
+            try:
+                async for item in items:
+                    self._waited(since)
+                    since = None
+                    if isinstance(item, Decided):
+                        head = item
+                        if item.decision is StepDecision.KEEP:
+                            await self.announce(Role.SMALL, item.entropy, tau)
+                        # on ESCALATE nothing follows: the large model writes the step
+                    else:
+                        if item.text or item.token_ids:
+                            self.loop.follow(item.token_ids, item.text)
+                            await self.loop.emit(StepDelta(self.index, item.text, len(item.token_ids),
+                                                           list(item.token_ids) if ids else []))
+                        if item.final is not None:
+                            gen = item.final
+                    since = time.perf_counter()
+            finally:
+                self._waited(since)
         if head is None:
             raise WorkerFault("the small worker's Step stream ended without a decision")
         if head.decision is StepDecision.ESCALATE:
