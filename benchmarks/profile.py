@@ -4,9 +4,11 @@
 the process until stopped; `top(path)` reads them back as the functions that hold
 the most samples, by self time (the innermost Python frame: work done in it, or in
 the C code it called, such as grpc's Cython layer or hiredis) and by inclusive time
-(samples with the function anywhere on the stack). Idle samples (the event loop
-waiting in epoll) are left out by py-spy, so shares are of the time the process
-was busy in Python.
+(samples with the function anywhere on the stack). Only samples of the thread
+holding the GIL are kept (`--gil`): so grpcio's poller thread, blocked in C, and
+the event loop waiting in epoll are not counted as work, and shares are of the
+time the process ran Python (or C code called with the GIL held, such as grpcio's
+Cython layer writing a message).
 """
 from __future__ import annotations
 
@@ -34,9 +36,10 @@ class Recording:
         # --nonblocking: read the target's memory without pausing it, so the profile
         # disturbs the measured process as little as possible.
         self.proc = subprocess.Popen(
-            # (--native needs the process paused while its stack is read.)
+            # (--native needs the process paused while its stack is read; --gil: the thread
+            # holding the GIL only.)
             [exe, "record", "--pid", str(pid), "--rate", str(rate), "--format", "raw", "--output", str(path),
-             *(["--native"] if native else ["--nonblocking"])],
+             *(["--native", "--gil"] if native else ["--nonblocking", "--gil"])],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
 

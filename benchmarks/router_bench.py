@@ -14,12 +14,21 @@ router's streams (to clients; to and from the workers' Multiplex streams); the
 router's overhead per step as each step reports it (wall time minus the time it
 waited for workers: policy, bookkeeping, the Redis write and event-loop waits).
 
+The 64-session level (issue 13's goal: <= 1.0 ms per step) runs `--repeat` times
+(3) and the table shows the median run: on the machine's shared cores one run
+moves by +-15%.
+
 Then, at 64 sessions, the same with sessions of 30 steps: the two runs give the
-CPU per session (set-up, answer, Started/Done) and the CPU per additional step,
-so the figure does not depend on how long the bench's sessions are.
+CPU (and Redis commands) per session (set-up, answer, Started/Done) and per
+additional step, so the figure does not depend on how long the bench's sessions
+are. And the 7-step sessions once more after a prompt of ~2200 tokens: what a
+long prefix costs each step (a worker call sends what the session added, not its
+prefix: services/worker/prompt_delta.py).
 
 `--profile DIR` records the router with py-spy during each level and prints its
-top costs (a profiled run's CPU figures are not comparable).
+top costs (a profiled run's CPU figures are not comparable). `--pin` puts the
+router on core 0 alone and everything else on the other cores, as if on nodes of
+their own.
 """
 from __future__ import annotations
 
@@ -43,6 +52,7 @@ from services.common import procs, redis_local
 LEVELS = (1, 16, 64, 256)
 COMMAND = "make bench-router"
 LONG = 30  # steps of the long sessions (before the </think> step)
+GOAL_LEVEL = 64  # issue 13: router CPU per step <= 1.0 ms at 64 concurrent sessions
 PIN = False  # --pin
 ROUTER_CORE = {0}
 OTHERS = set(range(1, os.cpu_count() or 2))
@@ -212,6 +222,7 @@ def main() -> int:
     ap.add_argument("--levels", default=",".join(map(str, LEVELS)))
     ap.add_argument("--sessions-per-client", type=int, default=4, help="sessions each concurrent client runs (at least 64 per level)")
     ap.add_argument("--policy", default="glimpse")
+    ap.add_argument("--repeat", type=int, default=3, help=f"runs at {GOAL_LEVEL} sessions; the table shows the median")
     ap.add_argument("--split-at", type=int, default=64,
                     help="concurrency at which sessions of 30 steps are also run, to split CPU per step from CPU per session (0: skip)")
     ap.add_argument("--long-prompt-words", type=int, default=500,
@@ -237,8 +248,14 @@ def main() -> int:
         baseline = asyncio.run(bare_rpc_us(bench.small.address))
         print(f"a bare unary gRPC call (GetModelInfo) from Python: {baseline:.0f} us of client CPU", flush=True)
         for n in levels:
-            rows.append(bench.measure(n, max(64, n * args.sessions_per_client), args.policy, args.profile, args.native))
-            print(line(rows[-1]), flush=True)
+            # The goal's level, measured `--repeat` times, reports its median run: the
+            # machine's other load moves one run by +-15%.
+            runs = [bench.measure(n, max(64, n * args.sessions_per_client), args.policy, args.profile, args.native)
+                    for _ in range(args.repeat if n == GOAL_LEVEL and not args.profile else 1)]
+            for r in runs:
+                print(line(r), flush=True)
+            rows.append(sorted(runs, key=lambda r: r["cpu_us"])[len(runs) // 2])
+            rows[-1]["runs"] = [r["cpu_us"] for r in runs]
             if "profile" in rows[-1]:
                 top = rows[-1]["profile"]
                 print(f"py-spy, {n} sessions ({top['samples']} samples):\n{profile.table(top)}", flush=True)
@@ -296,10 +313,12 @@ def report(rows: list[dict], split: dict | None, baseline: float, args) -> str:
                      f"{r['cmds']:.1f} | {r['trips']:.2f} | {r['to_client']:.2f} | {r['to_workers']:.2f} | {r['from_workers']:.2f} |")
     extra = " " + args.router_args if args.router_args else ""
     goal = ""
-    at64 = next((r for r in rows if r["n"] == 64), None)
+    at64 = next((r for r in rows if r["n"] == GOAL_LEVEL), None)
     if at64 is not None:
         met = "met" if at64["cpu_us"] <= 1000 else "not met"
-        goal = f"The goal, router CPU per step <= 1.0 ms at 64 sessions, is {met} at this shape ({at64['cpu_us'] / 1000:.2f} ms)"
+        runs = ", ".join(f"{x / 1000:.2f}" for x in at64.get("runs", []))
+        goal = (f"The goal, router CPU per step <= 1.0 ms at {GOAL_LEVEL} sessions, is {met} at this shape "
+                f"({at64['cpu_us'] / 1000:.2f} ms, the median of runs at {runs} ms)")
         if split is not None:
             goal += (f"; per additional step it is {split['per_step_us'] / 1000:.2f} ms, with "
                      f"{split['per_session_us'] / 1000:.2f} ms per session on top")

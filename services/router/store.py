@@ -207,6 +207,11 @@ class _Batch:
         self.r = r
         self.pending: list[tuple[_Script, list, list, asyncio.Future]] = []
         self.sender: asyncio.Task | None = None
+        # One round trip is in flight at a time, so it keeps one connection of the pool
+        # for itself: taking one from redis-py's blocking pool and giving it back (a
+        # condition, a lock, a timeout and connection-count records each way) cost about
+        # as much as the round trip's own work.
+        self.conn = None
 
     async def call(self, script: _Script, keys: list, args: list):
         fut = asyncio.get_running_loop().create_future()
@@ -255,8 +260,9 @@ class _Batch:
         Packed by hiredis (C) and read under one timeout for the whole batch: redis-py's
         pipeline packs in Python and arms a timer per reply, which cost more than the
         scripts' own work."""
-        pool = self.r.connection_pool
-        conn = await pool.get_connection()
+        conn = self.conn
+        if conn is None:
+            conn = self.conn = await self.r.connection_pool.get_connection()
         try:
             timeout = conn.socket_timeout
             async with asyncio.timeout(timeout):
@@ -270,13 +276,24 @@ class _Batch:
             metrics.redis_round_trip(len(commands))
             return out
         except TimeoutError:  # asyncio's: Redis hangs (the same error redis-py's own timeouts give)
-            await conn.disconnect(nowait=True)
+            await self._drop(conn)
             raise RedisTimeoutError(f"Redis did not answer within {conn.socket_timeout}s") from None
         except BaseException:
-            await conn.disconnect(nowait=True)  # a half-read connection must not go back to the pool
+            await self._drop(conn)  # a half-read connection is not used again
             raise
-        finally:
-            await pool.release(conn)
+
+    async def _drop(self, conn) -> None:
+        """The connection back to the pool, disconnected (the next round trip takes another)."""
+        if self.conn is conn:
+            self.conn = None
+        await conn.disconnect(nowait=True)
+        await self.r.connection_pool.release(conn)
+
+    async def close(self) -> None:
+        if self.sender is not None and not self.sender.done():
+            self.sender.cancel()
+        if self.conn is not None:
+            await self._drop(self.conn)
 
 
 class SessionStore:
@@ -317,6 +334,7 @@ class SessionStore:
         return cls(aioredis.Redis(connection_pool=pool), key_prefix, ttl_s, lease_ms, max_sessions)
 
     async def close(self) -> None:
+        await self._batch.close()
         await self.r.aclose()
 
     async def _run(self, name: str, keys: list, args: list):
