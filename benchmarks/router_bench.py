@@ -268,15 +268,21 @@ def main() -> int:
             short = measure_once(6, router_args, args.split_at, args.split_at * args.sessions_per_client, args.policy)
         long_row = measure_once(LONG, router_args, args.split_at, args.split_at * 2, args.policy)
         print(f"sessions of {LONG + 1} steps: " + line(long_row), flush=True)
-        # The prompt's length must not matter: what a step sends grows with the step, not the session.
+        # The prompt's length must not matter to a step: what a call sends grows with the
+        # step, not the session. The same two shapes after a long prompt.
+        long_prompt = prompt_text(args.long_prompt_words)
         wide = measure_once(6, router_args, args.split_at, args.split_at * args.sessions_per_client, args.policy,
-                            prompt_text(args.long_prompt_words))
+                            long_prompt)
         print(f"a {wide['prompt_tokens']:.0f}-token prompt: " + line(wide), flush=True)
+        wide_long = measure_once(LONG, router_args, args.split_at, args.split_at * 2, args.policy, long_prompt)
+        print(f"a {wide['prompt_tokens']:.0f}-token prompt, sessions of {LONG + 1} steps: " + line(wide_long), flush=True)
         # CPU (and Redis commands) = per_session * sessions + per_step * steps, from the two shapes.
         cpu_step, cpu_session = per_step_and_session(short, long_row, "cpu_s")
         cmd_step, cmd_session = per_step_and_session(short, long_row, "cmds_n")
+        wide_step, wide_session = per_step_and_session(wide, wide_long, "cpu_s")
         split = {"long": long_row, "wide": wide, "short": short, "per_step_us": cpu_step * 1e6,
-                 "per_session_us": cpu_session * 1e6, "cmds_per_step": cmd_step, "cmds_per_session": cmd_session}
+                 "per_session_us": cpu_session * 1e6, "cmds_per_step": cmd_step, "cmds_per_session": cmd_session,
+                 "wide_step_us": wide_step * 1e6, "wide_session_us": wide_session * 1e6}
         print(f"at {args.split_at} sessions: {split['per_step_us']:.0f} us of router CPU per step, "
               f"{split['per_session_us']:.0f} us per session; Redis commands {cmd_step:.1f} per step, "
               f"{cmd_session:.1f} per session", flush=True)
@@ -334,10 +340,13 @@ Per step and per session, at {args.split_at} sessions: the same with sessions of
 Started, the answer and Done); Redis commands: **{split['cmds_per_step']:.1f} per additional step**
 (the step's write) and {split['cmds_per_session']:.1f} per session (creating it, the answer, the turn's end).
 
-Length of the session: the {short['steps'] // short['sessions'] if short['sessions'] else 0}-step sessions after a prompt of {wide['prompt_tokens']:.0f} tokens
-instead of {short['prompt_tokens']:.0f}: {wide['cpu_us']:.0f} µs/step, **{wide['cpu_us'] / short['cpu_us']:.2f}x** the short prompt's.
-A worker call sends what the session added since its previous call on the stream, not the
-session's prefix (a prompt delta: docs/router.md).
+Length of the session: the same two shapes after a prompt of {wide['prompt_tokens']:.0f} tokens instead of
+{short['prompt_tokens']:.0f} give **{split['wide_step_us']:.0f} µs per additional step
+({split['wide_step_us'] / split['per_step_us']:.2f}x the short prompt's)** and {split['wide_session_us']:.0f} µs per
+session (rendering, storing and sending the prompt once: {wide['cpu_us']:.0f} µs/step at 7 steps). A worker
+call sends what the session added since its previous call on the stream, not the session's
+prefix (a prompt delta: docs/router.md). The sim workers run slower on a long prompt, so fewer
+steps share each message to clients ({wide['to_client']:.2f} per step at 7 steps).
 """
     return f"""## Router
 

@@ -63,7 +63,7 @@ class EagerCatchUp:
         self._roles_of = roles  # the roles the turn may still call: only those are worth catching up
         # They change only when something is stored: read once per stored() (the loop calls
         # tokens() per chunk and _due() per wake-up).
-        self._roles: frozenset[Role] = frozenset()
+        self._roles: frozenset[Role] = frozenset(roles())
         self.stored_prefix = stored_prefix
         self.mode = mode
         self.chunk = max(1, chunk_tokens)
