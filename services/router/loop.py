@@ -145,19 +145,22 @@ class _Ctx:
         await self.loop.emit(StepStart(self.index, self.loop.state.turn, role, self.loop.worker(role).info.model_id,
                                        decision, value, threshold, self.attempt))
 
+    async def _pass_on(self, token_ids, text: str) -> None:
+        """A piece of the step being written: to the client, and to the other model (catch-up)."""
+        if text or token_ids:
+            self.loop.follow(token_ids, text)
+            await self.loop.emit(StepDelta(self.index, text, len(token_ids),
+                                           list(token_ids) if self.loop.include_token_ids else []))
+
     async def _show(self, chunks: AsyncIterator[Chunk]) -> Generation:
         final: Generation | None = None
-        ids = self.loop.include_token_ids
         async with contextlib.aclosing(chunks) as items:
             since = time.perf_counter()
             try:
                 async for chunk in items:
                     self._waited(since)
                     since = None
-                    if chunk.text or chunk.token_ids:
-                        self.loop.follow(chunk.token_ids, chunk.text)
-                        await self.loop.emit(StepDelta(self.index, chunk.text, len(chunk.token_ids),
-                                                       list(chunk.token_ids) if ids else []))
+                    await self._pass_on(chunk.token_ids, chunk.text)
                     if chunk.final is not None:
                         final = chunk.final
                     since = time.perf_counter()
@@ -184,15 +187,12 @@ class _Ctx:
 
     async def keep(self, role: Role, draft: Generation, value: float = math.nan, threshold: float = math.nan) -> None:
         await self.announce(role, value, threshold)
-        self.loop.follow(draft.token_ids, draft.text)
-        ids = list(draft.token_ids) if self.loop.include_token_ids else []
-        await self.loop.emit(StepDelta(self.index, draft.text, len(draft.token_ids), ids))
+        await self._pass_on(draft.token_ids, draft.text)
 
     async def fused_step(self, tau: float) -> StepOutcome:
         stream = self.loop.small.step_stream(self._request(Role.SMALL), Gate(self.method, tau))
         head: Decided | None = None
         gen: Generation | None = None
-        ids = self.loop.include_token_ids
         async with contextlib.aclosing(stream) as items:
             since = time.perf_counter()
             try:
@@ -205,10 +205,7 @@ class _Ctx:
                             await self.announce(Role.SMALL, item.entropy, tau)
                         # on ESCALATE nothing follows: the large model writes the step
                     else:
-                        if item.text or item.token_ids:
-                            self.loop.follow(item.token_ids, item.text)
-                            await self.loop.emit(StepDelta(self.index, item.text, len(item.token_ids),
-                                                           list(item.token_ids) if ids else []))
+                        await self._pass_on(item.token_ids, item.text)
                         if item.final is not None:
                             gen = item.final
                     since = time.perf_counter()
