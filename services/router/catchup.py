@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Callable
+from typing import Callable, Sequence
 
 from services.router import metrics
 from services.router.api.types import PrefixMode, Role
@@ -151,7 +151,7 @@ class EagerCatchUp:
                 return r
         return None
 
-    async def _target(self, role: Role, covered: int) -> list[int]:
+    async def _target(self, role: Role, covered: int) -> Sequence[int]:
         """The prefix to send `role`: the stored prefix, and the first `covered` tokens of
         the step being written when `role` is its reader."""
         base = self.stored_prefix(role)  # (the session's own list: a Multiplex stream sends what it added)

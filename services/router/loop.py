@@ -129,13 +129,6 @@ class _Ctx:
         finally:
             self.worker_ms += (time.perf_counter() - t0) * 1e3
 
-    def _waited(self, since: float | None) -> None:
-        """Time spent waiting for a stream's next item counts as worker time (the time the
-        loop takes to pass the item on does not). Timed inline rather than by a wrapping
-        generator: every item of every step would pay for one more generator."""
-        if since is not None:
-            self.worker_ms += (time.perf_counter() - since) * 1e3
-
     # ---- what a policy calls ------------------------------------------------------------
     async def announce(self, role: Role, value: float, threshold: float) -> None:
         self.started = role
@@ -152,20 +145,37 @@ class _Ctx:
             await self.loop.emit(StepDelta(self.index, text, len(token_ids),
                                            list(token_ids) if self.loop.include_token_ids else []))
 
-    async def _show(self, chunks: AsyncIterator[Chunk]) -> Generation:
+    async def _read(self, stream: AsyncIterator, tau: float = math.nan) -> tuple[Decided | None, Generation | None]:
+        """Reads a worker's stream to its end: each piece of the step is passed on, a fused
+        Step's head (the decision) is kept and on KEEP announces the small model. Returns
+        the head (None for a plain generation) and the final generation (None if it never
+        came). The waits for items count as worker time (the time taken to pass them on
+        does not), timed here rather than by a wrapping generator that every item of
+        every step would pay for."""
+        head: Decided | None = None
         final: Generation | None = None
-        async with contextlib.aclosing(chunks) as items:
-            since = time.perf_counter()
+        async with contextlib.aclosing(stream) as items:
+            since: float | None = time.perf_counter()
             try:
-                async for chunk in items:
-                    self._waited(since)
+                async for item in items:
+                    self.worker_ms += (time.perf_counter() - since) * 1e3
                     since = None
-                    await self._pass_on(chunk.token_ids, chunk.text)
-                    if chunk.final is not None:
-                        final = chunk.final
+                    if isinstance(item, Decided):
+                        head = item
+                        if item.decision is StepDecision.KEEP:
+                            await self.announce(Role.SMALL, item.entropy, tau)
+                    else:  # on ESCALATE no chunk follows: the large model writes the step
+                        await self._pass_on(item.token_ids, item.text)
+                        if item.final is not None:
+                            final = item.final
                     since = time.perf_counter()
             finally:
-                self._waited(since)
+                if since is not None:
+                    self.worker_ms += (time.perf_counter() - since) * 1e3
+        return head, final
+
+    async def _show(self, chunks: AsyncIterator[Chunk]) -> Generation:
+        _, final = await self._read(chunks)
         if final is None:
             raise WorkerFault("the worker's stream ended without its final chunk")
         self._prefilled(final.usage, final.timings)
@@ -191,26 +201,7 @@ class _Ctx:
 
     async def fused_step(self, tau: float) -> StepOutcome:
         stream = self.loop.small.step_stream(self._request(Role.SMALL), Gate(self.method, tau))
-        head: Decided | None = None
-        gen: Generation | None = None
-        async with contextlib.aclosing(stream) as items:
-            since = time.perf_counter()
-            try:
-                async for item in items:
-                    self._waited(since)
-                    since = None
-                    if isinstance(item, Decided):
-                        head = item
-                        if item.decision is StepDecision.KEEP:
-                            await self.announce(Role.SMALL, item.entropy, tau)
-                        # on ESCALATE nothing follows: the large model writes the step
-                    else:
-                        await self._pass_on(item.token_ids, item.text)
-                        if item.final is not None:
-                            gen = item.final
-                    since = time.perf_counter()
-            finally:
-                self._waited(since)
+        head, gen = await self._read(stream, tau)
         if head is None:
             raise WorkerFault("the small worker's Step stream ended without a decision")
         if head.decision is StepDecision.ESCALATE:

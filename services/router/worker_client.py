@@ -37,7 +37,7 @@ class WorkerClient(abc.ABC):
     async def tokenize(self, text: str) -> list[int]: ...
 
     @abc.abstractmethod
-    async def glimpse(self, prompt: list[int], top_k: int) -> Glimpse: ...
+    async def glimpse(self, prompt: Sequence[int], top_k: int) -> Glimpse: ...
 
     @abc.abstractmethod
     def step_stream(self, req: GenerateRequest, gate: Gate) -> AsyncIterator[Decided | Chunk]:
@@ -53,7 +53,7 @@ class WorkerClient(abc.ABC):
         """Streamed generation; the last chunk carries `final`."""
 
     @abc.abstractmethod
-    async def extend(self, prompt: list[int]) -> Extension:
+    async def extend(self, prompt: Sequence[int]) -> Extension:
         """Catch-up: the session's KV state on its worker grows to `prompt` (see
         catchup.py); nothing is generated. Only ever an optimisation: may raise."""
 

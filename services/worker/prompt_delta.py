@@ -23,23 +23,39 @@ from __future__ import annotations
 
 import array
 import collections
-from typing import Sequence
+import itertools
+from typing import Iterator, Sequence
 
 from glimprouter.v1 import worker_pb2 as pb
 
 SESSIONS = 1024  # per stream, at both ends (worker.proto promises it)
 
 
-class Continued(list):
-    """`base + tail` (a list of the tokens), remembering `base`: an append-only prefix
-    list, of which the first `base_len` tokens are here."""
+class Continued(Sequence[int]):
+    """`base` as it is now, followed by `tail`, without copying `base`: the session's
+    prefix (an append-only list, which the sender recognises) and tokens that are not
+    stored (a catch-up chunk, the answer's join). Reads as the tokens for anyone else."""
 
-    __slots__ = ("base", "base_len")
+    __slots__ = ("base", "base_len", "tail")
 
     def __init__(self, base: list[int], tail: Sequence[int]) -> None:
-        super().__init__(base)
-        self.extend(tail)
-        self.base, self.base_len = base, len(base)
+        self.base, self.base_len, self.tail = base, len(base), list(tail)
+
+    def __len__(self) -> int:
+        return self.base_len + len(self.tail)
+
+    def __iter__(self) -> Iterator[int]:
+        yield from itertools.islice(self.base, self.base_len)
+        yield from self.tail
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return list(self)[i]
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError("Continued index out of range")
+        i %= n
+        return self.base[i] if i < self.base_len else self.tail[i - self.base_len]
 
 
 class Sender:
@@ -55,7 +71,7 @@ class Sender:
         Call it in the order the calls go out."""
         out.Clear()
         if isinstance(prompt, Continued):
-            base, n, tail = prompt.base, prompt.base_len, prompt[prompt.base_len:]
+            base, n, tail = prompt.base, prompt.base_len, prompt.tail
         else:
             base, n, tail = prompt, len(prompt), ()
         if not session_id:

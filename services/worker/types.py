@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Sequence
 
 DEFAULT_STEP_BOUNDARY = "\n\n"
 DEFAULT_TOP_K = 20
@@ -53,7 +54,7 @@ class StopParams:
 class GenerateRequest:
     """One generation's arguments: what Generate, GenerateStream and Step share."""
 
-    prompt: tuple[int, ...] | list[int]
+    prompt: Sequence[int]
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: StopParams = field(default_factory=StopParams)
     session_id: str = ""  # a hint: the worker keeps this session's KV state warm

@@ -83,3 +83,12 @@ def test_the_worker_refuses_a_delta_it_cannot_resolve_and_then_takes_the_prompt_
     prefixes["a"].append(5)
     _, delta, err = carry(sender, receiver, "a", prefixes["a"])
     assert (delta, err) == (True, "")
+
+
+def test_continued_reads_as_its_tokens_and_keeps_the_prefix_as_it_was():
+    prefix = [1, 2, 3]
+    c = Continued(prefix, [8, 9])
+    prefix.append(4)  # the session goes on: what was sent does not change
+    assert list(c) == [1, 2, 3, 8, 9] and len(c) == 5
+    assert (c[0], c[3], c[-1], c[1:4]) == (1, 8, 9, [2, 3, 8])
+    assert c.base is prefix and c.base_len == 3  # not a copy: the sender knows the list
