@@ -290,8 +290,10 @@ class _Batch:
         await self.r.connection_pool.release(conn)
 
     async def close(self) -> None:
-        if self.sender is not None and not self.sender.done():
-            self.sender.cancel()
+        sender = self.sender
+        if sender is not None and not sender.done():
+            sender.cancel()  # a round trip under way gives its connection back as it stops
+            await asyncio.gather(sender, return_exceptions=True)
         if self.conn is not None:
             await self._drop(self.conn)
 
