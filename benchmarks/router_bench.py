@@ -21,8 +21,8 @@ moves by +-15%.
 Then, at 64 sessions, the same with sessions of 30 steps: the two runs give the
 CPU (and Redis commands) per session (set-up, answer, Started/Done) and per
 additional step, so the figure does not depend on how long the bench's sessions
-are. And the 7-step sessions once more after a prompt of ~2200 tokens: what a
-long prefix costs each step (a worker call sends what the session added, not its
+are. And both shapes once more after a prompt of ~2200 tokens: what a long
+prefix costs each additional step (a worker call sends what the session added, not its
 prefix: services/worker/prompt_delta.py).
 
 `--profile DIR` records the router with py-spy during each level and prints its
@@ -53,8 +53,7 @@ LEVELS = (1, 16, 64, 256)
 COMMAND = "make bench-router"
 LONG = 30  # steps of the long sessions (before the </think> step)
 GOAL_LEVEL = 64  # issue 13: router CPU per step <= 1.0 ms at 64 concurrent sessions
-PIN = False  # --pin
-ROUTER_CORE = {0}
+ROUTER_CORE = {0}  # --pin: the router's core; everything else runs on the others
 OTHERS = set(range(1, os.cpu_count() or 2))
 
 
@@ -146,11 +145,12 @@ async def run_level(address: str, concurrency: int, sessions: int, policy: str, 
 class Bench:
     """A private Redis, two sim workers and a router, for one session shape."""
 
-    def __init__(self, steps: int, router_args: list[str]) -> None:
+    def __init__(self, steps: int, router_args: list[str], pin: bool = False) -> None:
+        self.pin = pin  # the router on a core of its own (its own node); everything else on the others
         self.rs = redis_local.start_private()
         self.r = redis.Redis(port=self.rs.port)
         self.services: list[procs.Service] = []
-        if PIN:  # the router on a core of its own (its own node); everything else on the others
+        if pin:
             os.sched_setaffinity(self.rs.pid, OTHERS)
         try:
             sim = ["services.worker", "--backend", "sim", "--model", "sim", "--port", "0", "--sim-hard-steps", "1,3",
@@ -168,7 +168,7 @@ class Bench:
 
     def _start(self, name: str, argv: list[str]) -> procs.Service:
         cores = ROUTER_CORE if name == "router" else OTHERS
-        svc = procs.start(name, argv, timeout=60, prefix=("taskset", "-c", ",".join(map(str, sorted(cores)))) if PIN else ())
+        svc = procs.start(name, argv, timeout=60, prefix=("taskset", "-c", ",".join(map(str, sorted(cores)))) if self.pin else ())
         self.services.append(svc)
         return svc
 
@@ -236,13 +236,11 @@ def main() -> int:
     ap.add_argument("--native", action="store_true", help="with --profile: C frames too (pauses the router while sampling)")
     args = ap.parse_args()
     if args.pin:
-        global PIN
-        PIN = True
         os.sched_setaffinity(0, OTHERS)  # this process is the clients
     levels = [int(x) for x in args.levels.split(",")]
     router_args = args.router_args.split()
 
-    bench = Bench(6, router_args)
+    bench = Bench(6, router_args, args.pin)
     rows = []
     try:
         baseline = asyncio.run(bare_rpc_us(bench.small.address))
@@ -265,16 +263,16 @@ def main() -> int:
     if args.split_at:
         short = next((r for r in rows if r["n"] == args.split_at), None)
         if short is None:
-            short = measure_once(6, router_args, args.split_at, args.split_at * args.sessions_per_client, args.policy)
-        long_row = measure_once(LONG, router_args, args.split_at, args.split_at * 2, args.policy)
+            short = measure_once(6, router_args, args.split_at, args.split_at * args.sessions_per_client, args.policy, pin=args.pin)
+        long_row = measure_once(LONG, router_args, args.split_at, args.split_at * 2, args.policy, pin=args.pin)
         print(f"sessions of {LONG + 1} steps: " + line(long_row), flush=True)
         # The prompt's length must not matter to a step: what a call sends grows with the
         # step, not the session. The same two shapes after a long prompt.
         long_prompt = prompt_text(args.long_prompt_words)
         wide = measure_once(6, router_args, args.split_at, args.split_at * args.sessions_per_client, args.policy,
-                            long_prompt)
+                            long_prompt, args.pin)
         print(f"a {wide['prompt_tokens']:.0f}-token prompt: " + line(wide), flush=True)
-        wide_long = measure_once(LONG, router_args, args.split_at, args.split_at * 2, args.policy, long_prompt)
+        wide_long = measure_once(LONG, router_args, args.split_at, args.split_at * 2, args.policy, long_prompt, args.pin)
         print(f"a {wide['prompt_tokens']:.0f}-token prompt, sessions of {LONG + 1} steps: " + line(wide_long), flush=True)
         # CPU (and Redis commands) = per_session * sessions + per_step * steps, from the two shapes.
         cpu_step, cpu_session = per_step_and_session(short, long_row, "cpu_s")
@@ -295,8 +293,9 @@ def main() -> int:
     return 0
 
 
-def measure_once(steps: int, router_args: list[str], n: int, sessions: int, policy: str, prompt: str = QUESTION) -> dict:
-    bench = Bench(steps, router_args)
+def measure_once(steps: int, router_args: list[str], n: int, sessions: int, policy: str, prompt: str = QUESTION,
+                 pin: bool = False) -> dict:
+    bench = Bench(steps, router_args, pin)
     try:
         return bench.measure(n, max(64, sessions), policy, prompt=prompt)
     finally:
@@ -335,10 +334,10 @@ def report(rows: list[dict], split: dict | None, baseline: float, args) -> str:
         split_text = f"""
 Per step and per session, at {args.split_at} sessions: the same with sessions of {LONG + 1} steps
 ({lr['cpu_us']:.0f} µs/step, {lr['to_client']:.2f} messages to clients per step) against
-{short['cpu_us']:.0f} µs/step at {short['steps'] // short['sessions'] if short['sessions'] else 0} steps gives **{split['per_step_us']:.0f} µs of router CPU per additional step and
+{short['cpu_us']:.0f} µs/step at {short['steps'] // short['sessions']} steps gives **{split['per_step_us']:.0f} µs of router CPU per additional step and
 {split['per_session_us']:.0f} µs per session** (the call itself, its set-up in Redis and on the workers,
 Started, the answer and Done); Redis commands: **{split['cmds_per_step']:.1f} per additional step**
-(the step's write) and {split['cmds_per_session']:.1f} per session (creating it, the answer, the turn's end).
+(the step's write, and the lease renewals, which go by time) and {split['cmds_per_session']:.1f} per session (creating it, the answer, the turn's end).
 
 Length of the session: the same two shapes after a prompt of {wide['prompt_tokens']:.0f} tokens instead of
 {short['prompt_tokens']:.0f} give **{split['wide_step_us']:.0f} µs per additional step
