@@ -132,8 +132,9 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     costs one small comparison), then halves the block that differs; all comparisons
     are C-level slices, never a Python loop over the tokens."""
     n = min(len(a), len(b))
-    if n and a[n - 1] == b[n - 1] and a[:n] == b[:n]:  # most likely an extension: one comparison
-        return n
+    if n and a[n - 1] == b[n - 1]:  # most likely an extension: one comparison (the shorter one not copied)
+        if (a if len(a) == n else a[:n]) == (b if len(b) == n else b[:n]):
+            return n
     i, size = 0, 32
     while i < n:
         j = min(n, i + size)
@@ -391,7 +392,9 @@ class Scheduler(Engine):
             own = common_prefix(s.tokens, prompt) if self.kv_reuse else 0
             return (max(own, from_snap), bool(sid) and s.session == sid, not s.tokens, -s.last_used)
 
-        slot = max(idle, key=score)
+        slot = self._own_slot(idle, sid, prompt, from_snap) if sid and self.kv_reuse else None
+        if slot is None:
+            slot = max(idle, key=score)
         if self.kv_reuse and slot.session and slot.session != sid and slot.tokens:
             self._save(slot)  # its session leaves the sequence
         own = common_prefix(slot.tokens, prompt) if self.kv_reuse else 0
@@ -424,6 +427,22 @@ class Scheduler(Engine):
             job.cached = keep
         slot.session, slot.job, slot.last_used = sid, job, time.monotonic()
         job.slot = slot
+
+    @staticmethod
+    def _own_slot(idle: list[Slot], sid: str, prompt: list[int], from_snap: int) -> Slot | None:
+        """The idle sequence holding this session's previous call, when the prompt extends
+        all of it (a session's usual next call): placed there without scoring the others.
+        Another sequence could share more of the prompt only by holding a copy of this
+        session's text, and taking it would make its own session prefill again; while
+        scoring every idle sequence against a long prompt that many sessions share (a
+        system prompt) costs a comparison of that length per sequence, per call."""
+        for s in idle:
+            if s.session == sid:
+                held = len(s.tokens)
+                if from_snap <= held <= len(prompt) and held and common_prefix(s.tokens, prompt) == held:
+                    return s
+                return None
+        return None
 
     def _build(self) -> tuple[Batch, list[Job], list[Job]]:
         """This iteration's batch, the job each logits row goes to, and the catch-ups

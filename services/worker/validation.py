@@ -59,9 +59,10 @@ def prompt_ids(prompt: pb.Prompt, limits: Limits, tokenize: Callable[[str], list
     else:
         ids = list(prompt.token_ids.ids)
         where = f"{field}.token_ids"
-        for i, t in enumerate(ids):
-            if not 0 <= t < limits.vocab_size:
-                raise InvalidArgument(f"{where}[{i}]", f"token id {t} is out of range [0, {limits.vocab_size})")
+        # min/max run in C: a Python loop over every token cost ~100 µs per call at 2000 tokens.
+        if ids and (min(ids) < 0 or max(ids) >= limits.vocab_size):
+            i, t = next((i, t) for i, t in enumerate(ids) if not 0 <= t < limits.vocab_size)
+            raise InvalidArgument(f"{where}[{i}]", f"token id {t} is out of range [0, {limits.vocab_size})")
     if not ids:
         raise InvalidArgument(where, "is empty")
     if len(ids) >= limits.context_length:

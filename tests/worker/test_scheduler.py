@@ -518,6 +518,25 @@ async def test_a_real_call_of_the_same_session_takes_over_its_catch_up():
         await e.close()
 
 
+async def test_a_session_stays_on_its_sequence_rather_than_take_a_longer_copy_of_another():
+    # Two sessions with the same text (the sim writes the same script for every session):
+    # "ahead" holds more of it. "behind"'s next call goes on in its own sequence, found
+    # without comparing the others, and leaves "ahead"'s state where it is.
+    e = Scheduler(SimModel(n_seq=3))
+    try:
+        prompt = e.render_prompt([ChatMessage("user", "q")], True, False)[0]
+        step = e.tokenize(" the total is 42\n\n", add_bos=False)
+        # Together, so each takes a sequence of its own.
+        await asyncio.gather(glimpse(e, prompt + step + step, "ahead"), glimpse(e, prompt, "behind"))
+        seq_of = {s.session: s.seq for s in e._slots if s.session}
+        g = await glimpse(e, prompt + step, "behind")
+        assert g.usage.cached_tokens == len(prompt) and g.usage.prefilled_tokens == len(step)
+        assert {s.session: s.seq for s in e._slots if s.session} == seq_of
+        assert (await glimpse(e, prompt + step + step, "ahead")).usage.prefilled_tokens == 0
+    finally:
+        await e.close()
+
+
 @pytest.mark.slow
 async def test_extended_state_gives_the_distribution_of_a_fresh_run(eng, reference):
     prompt = chat(eng, "A shop sells 4 pens for 3 dollars. How much are 12 pens?")
