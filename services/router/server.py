@@ -102,7 +102,8 @@ class _Outbox:
     The call's work runs as its own task and hands events here; the handler writes
     what piled up as one message, consecutive deltas of a step merged. A message
     costs the router far more CPU than an event in it, so:
-    - the call's first text, Started and Done go out at once;
+    - the call's first text and Done go out at once, Started with the first text or
+      an interval after it came, whichever is first;
     - other text goes once an interval has passed since the previous message:
       --stream-interval-ms, or longer when many streams are open, so that all of
       them together send at most --stream-messages-per-s;
@@ -139,8 +140,10 @@ class _Outbox:
         if isinstance(ev, (StepDelta, AnswerDelta)) and ev.text:
             due = self.last + self.interval_s if self.texted else -math.inf
             self.texted = True
-        elif isinstance(ev, (Started, Done)):
+        elif isinstance(ev, Done):
             due = -math.inf
+        elif isinstance(ev, Started):  # with the first text when it comes within an interval: a message fewer a call
+            due = asyncio.get_running_loop().time() + self.interval_s
         else:  # no text: rides with the next message, or goes ten intervals after it came
             due = asyncio.get_running_loop().time() + 10 * self.interval_s
         if due < self.due:
