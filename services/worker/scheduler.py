@@ -393,11 +393,13 @@ class Scheduler(Engine):
             return (max(own, from_snap), bool(sid) and s.session == sid, not s.tokens, -s.last_used)
 
         slot = self._own_slot(idle, sid, prompt, from_snap) if sid and self.kv_reuse else None
-        if slot is None:
+        if slot is not None:
+            own = len(slot.tokens)  # the prompt extends all of it
+        else:
             slot = max(idle, key=score)
-        if self.kv_reuse and slot.session and slot.session != sid and slot.tokens:
-            self._save(slot)  # its session leaves the sequence
-        own = common_prefix(slot.tokens, prompt) if self.kv_reuse else 0
+            if self.kv_reuse and slot.session and slot.session != sid and slot.tokens:
+                self._save(slot)  # its session leaves the sequence
+            own = common_prefix(slot.tokens, prompt) if self.kv_reuse else 0
         if snap is not None and from_snap > own:
             own = from_snap if self._restore(slot, snap) else 0
         n = len(prompt)
@@ -431,11 +433,12 @@ class Scheduler(Engine):
     @staticmethod
     def _own_slot(idle: list[Slot], sid: str, prompt: list[int], from_snap: int) -> Slot | None:
         """The idle sequence holding this session's previous call, when the prompt extends
-        all of it (a session's usual next call): placed there without scoring the others.
-        Another sequence could share more of the prompt only by holding a copy of this
-        session's text, and taking it would make its own session prefill again; while
-        scoring every idle sequence against a long prompt that many sessions share (a
-        system prompt) costs a comparison of that length per sequence, per call."""
+        all of it and no snapshot holds more (a session's usual next call): the call goes
+        there without scoring the other sequences. Scoring compares the prompt with each of
+        them, which costs the length of whatever prefix they share (a system prompt every
+        session starts with) per sequence, per call. Another sequence could share more only
+        by holding a copy of this session's text, and taking it would make the session it
+        belongs to prefill again."""
         for s in idle:
             if s.session == sid:
                 held = len(s.tokens)
